@@ -1,0 +1,110 @@
+"""The forward/backward of a sparsified weight, attached with `torch.nn.utils.parametrize`.
+
+``W_eff = W * (mask + D * (1 - mask))`` in the forward pass. The backward is straight-through:
+W receives W_eff's gradient unchanged (paper §3: "we intentionally refrain from modifying the
+gradient update rules"), with two exceptions: SR-STE adds ``lambda * (1 - mask) * W``, and a
+frozen (one-shot) mask gives pruned weights no gradient.
+
+Memory: the forward keeps W_eff (one copy of the weight); the backward saves nothing for the
+straight-through rule and the 1-byte boolean mask for the other two.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+from torch import nn
+
+from nmflow.masks import NMPattern, compute_mask
+from nmflow.targets import Segment
+
+__all__ = ["GradientRule", "NMParametrization"]
+
+
+class GradientRule(str, Enum):
+    STRAIGHT_THROUGH = "ste"
+    SRSTE = "srste"
+    FROZEN = "frozen"  # pruned weights get no gradient
+
+
+class _MaskedWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, mask, decay, rule: GradientRule, srste_lambda: float):  # type: ignore[override]
+        ctx.rule, ctx.srste_lambda = rule, srste_lambda
+        if rule is GradientRule.SRSTE:
+            ctx.save_for_backward(weight, mask)
+        elif rule is GradientRule.FROZEN:
+            ctx.save_for_backward(mask)
+        if decay is None:  # binary
+            return weight * mask
+        return torch.where(mask, weight, weight * decay)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        if ctx.rule is GradientRule.SRSTE:
+            weight, mask = ctx.saved_tensors
+            grad = torch.where(mask, grad, grad + ctx.srste_lambda * weight)
+        elif ctx.rule is GradientRule.FROZEN:
+            (mask,) = ctx.saved_tensors
+            grad = grad * mask
+        return grad, None, None, None, None
+
+
+class NMParametrization(nn.Module):
+    """Turns one dense tensor into its effective weight under the current schedule state.
+
+    The sparsifier sets the state (`set_state`) after every optimizer step; in between, every
+    forward recomputes the mask from the current weights, as the paper does. The state lives in
+    plain attributes and non-persistent buffers, so the model's ``state_dict`` is unchanged.
+    """
+
+    def __init__(
+        self,
+        segments: tuple[Segment, ...],
+        in_dim: int,
+        out_dim: int,
+        shape: torch.Size,
+        rule: GradientRule,
+        srste_lambda: float,
+    ) -> None:
+        super().__init__()
+        self.segments = segments
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.rule, self.srste_lambda = rule, srste_lambda
+        self._covers_all = len(segments) == 1 and segments[0].start == 0 and segments[0].stop == shape[out_dim]
+        self.patterns: tuple[NMPattern | None, ...] = (None,) * len(segments)  # None: dense
+        self.decaying = False  # True: D in (0, 1) applies to pruned weights; False: binary
+        self.register_buffer("decay", torch.ones(()), persistent=False)
+        self.register_buffer("fixed_mask", None, persistent=False)
+
+    @property
+    def active(self) -> bool:
+        return any(p is not None for p in self.patterns)
+
+    def set_state(self, patterns: tuple[NMPattern | None, ...], decay: float | None) -> None:
+        self.patterns = patterns
+        self.decaying = decay is not None and decay > 0.0
+        if self.decaying:
+            self.decay.fill_(decay)
+
+    def mask(self, weight: torch.Tensor) -> torch.Tensor:
+        """The boolean mask under the current patterns (or the frozen one)."""
+        if self.fixed_mask is not None:
+            return self.fixed_mask
+        if self._covers_all:
+            return compute_mask(weight, self.patterns[0], self.in_dim)
+        mask = torch.ones_like(weight, dtype=torch.bool)
+        for seg, pattern in zip(self.segments, self.patterns):
+            if pattern is not None:
+                block = weight.narrow(self.out_dim, seg.start, seg.stop - seg.start)
+                mask.narrow(self.out_dim, seg.start, seg.stop - seg.start).copy_(
+                    compute_mask(block, pattern, self.in_dim)
+                )
+        return mask
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return weight
+        decay = self.decay if self.decaying else None
+        return _MaskedWeight.apply(weight, self.mask(weight), decay, self.rule, self.srste_lambda)

@@ -1,0 +1,270 @@
+"""`Recipe`: what to sparsify, to which N:M pattern, and by which training method.
+
+Methods (paper §2-3). Every method trains the dense weight W and runs the forward pass with
+``W_eff = W * (mask + D * (1 - mask))``; the gradient reaches W straight through (identity), except:
+
+============== ===========================================================================
+``dense``      no mask at all (the reference run)
+``ste``        binary target mask (D = 0) from the end of the dense phase
+``srste``      ``ste`` plus ``srste_lambda * (1 - mask) * W`` added to W's gradient (SR-STE)
+``oneshot``    mask computed once by magnitude at the end of the dense phase and kept fixed;
+               pruned weights get no gradient (ASP-style prune + fine-tune)
+``mdgf-linear`` target mask, ``D(j) = max(1 - beta j, 0)``, j = steps since the dense phase
+``mdgf-exp``   target mask, ``D(j) = exp(-beta j)``
+``sdgf-stepwise``  binary masks walking (M-1):M, M/2:M, ..., N:M over the sparse window
+``sdgf-geometric`` binary masks walking kN:kM, ..., N:M (k = ``geometric_k``)
+============== ===========================================================================
+
+Every masked method ends with a binary fine-tuning phase at the target pattern.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from nmflow.errors import ConfigError
+from nmflow.masks import NMPattern
+from nmflow.schedules import DecaySchedule, PhasePlan, exponential_decay, linear_decay
+
+__all__ = ["METHODS", "ROLES", "Recipe"]
+
+METHODS = (
+    "dense",
+    "ste",
+    "srste",
+    "oneshot",
+    "mdgf-linear",
+    "mdgf-exp",
+    "sdgf-stepwise",
+    "sdgf-geometric",
+)
+ROLES = ("ff", "q", "k", "v", "qk", "qkv", "attn_out")
+"""Role names a recipe may use, besides ``re:<regex>`` on full module names."""
+
+WALKS = ("stepwise", "geometric")
+DEFAULT_DENSE_FRACTION = 0.05
+DEFAULT_FINETUNE_FRACTION = 0.15
+DEFAULT_DECAY_END_FRACTION = 0.7  # the paper's advice: D reaches ~0 at about 70% of training
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A sparse-training recipe. Validated on construction and never changed afterwards.
+
+    Args:
+        method: one of `METHODS`.
+        sparsity: role -> target pattern, e.g. ``{"ff": "1:16", "qk": "1:8"}``. Roles are `ROLES`
+            or ``"re:<regex>"`` matched (``re.fullmatch``) against full module names.
+        dense_fraction / dense_steps: length of the initial dense phase (give one; default 5%).
+        finetune_fraction / finetune_steps: length of the final binary fine-tuning phase (default 15%).
+        beta: MDGF decay rate per optimizer step. Default: chosen from ``decay_end_fraction``.
+        decay_end_fraction: MDGF only, when ``beta`` is not given: fraction of ``total_steps`` at which
+            the decay is done: linear D reaches 0 there, exponential D reaches ``decay_end_value``.
+        decay_end_value: the value exponential D has at ``decay_end_fraction`` (default 0.01).
+        srste_lambda: SR-STE's decay on pruned weights (default 2e-4, as in the SR-STE code).
+        geometric_k: first SDGF-geometric block multiplier, a power of two (default 16, the paper's).
+        patterns: pattern walk. For ``sdgf-*``: an explicit sequence replacing the generated one,
+            either one list for every role or a dict role -> list; each must end at that role's target.
+            For ``mdgf-*``: ``"stepwise"``, ``"geometric"`` or a sequence, to combine the decay with a
+            pattern walk (the paper's future work).
+        skip_indivisible: skip, with a warning, layers whose input dimension M does not divide,
+            instead of raising.
+    """
+
+    method: str
+    sparsity: Mapping[str, str] = field(default_factory=dict)
+    dense_fraction: float | None = None
+    dense_steps: int | None = None
+    finetune_fraction: float | None = None
+    finetune_steps: int | None = None
+    beta: float | None = None
+    decay_end_fraction: float | None = None
+    decay_end_value: float = 0.01
+    srste_lambda: float = 2e-4
+    geometric_k: int = 16
+    patterns: str | Sequence[str] | Mapping[str, Sequence[str]] | None = None
+    skip_indivisible: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        object.__setattr__(self, "sparsity", self._checked_sparsity())
+        self._check_phases()
+        self._check_decay()
+        if not (isinstance(self.srste_lambda, (int, float)) and self.srste_lambda >= 0):
+            raise ConfigError(f"srste_lambda must be a number >= 0, got {self.srste_lambda!r}")
+        if (
+            isinstance(self.geometric_k, bool)
+            or not isinstance(self.geometric_k, int)
+            or self.geometric_k < 1
+            or (self.geometric_k & (self.geometric_k - 1))
+        ):
+            raise ConfigError(f"geometric_k must be a power of two >= 1, got {self.geometric_k!r}")
+        object.__setattr__(self, "patterns", self._checked_patterns())
+
+    # ----------------------------------------------------------------- validation
+    def _checked_sparsity(self) -> dict[str, NMPattern]:
+        if not isinstance(self.sparsity, Mapping):
+            raise ConfigError(f"sparsity must map roles to patterns, e.g. {{'ff': '1:16'}}, got {self.sparsity!r}")
+        if not self.sparsity and self.method != "dense":
+            raise ConfigError(f"method {self.method!r} needs at least one target in sparsity, e.g. {{'ff': '1:16'}}")
+        checked = {}
+        for role, pattern in self.sparsity.items():
+            if not isinstance(role, str) or not (role in ROLES or role.startswith("re:")):
+                raise ConfigError(f"unknown role {role!r}; choose from {', '.join(ROLES)} or 're:<regex>'")
+            if role.startswith("re:"):
+                try:
+                    re.compile(role[3:])
+                except re.error as err:
+                    raise ConfigError(f"role {role!r}: invalid regular expression ({err})") from None
+            try:
+                checked[role] = NMPattern.parse(pattern)
+            except ConfigError as err:
+                raise ConfigError(f"role {role!r}: {err}") from None
+        overlapping = [("q", "qk"), ("k", "qk"), ("q", "qkv"), ("k", "qkv"), ("v", "qkv"), ("qk", "qkv")]
+        for a, b in overlapping:
+            if a in checked and b in checked:
+                raise ConfigError(f"roles {a!r} and {b!r} both claim the same projections; give only one")
+        return checked
+
+    def _check_phases(self) -> None:
+        for frac_name, steps_name in (("dense_fraction", "dense_steps"), ("finetune_fraction", "finetune_steps")):
+            frac, steps = getattr(self, frac_name), getattr(self, steps_name)
+            if frac is not None and steps is not None:
+                raise ConfigError(f"give {frac_name} or {steps_name}, not both")
+            if frac is not None and not (isinstance(frac, (int, float)) and 0 <= frac <= 1):
+                raise ConfigError(f"{frac_name} must be within [0, 1], got {frac!r}")
+            if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+                raise ConfigError(f"{steps_name} must be a whole number >= 0, got {steps!r}")
+        if self._dense_fraction + self._finetune_fraction > 1:
+            raise ConfigError(
+                f"dense_fraction ({self._dense_fraction}) + finetune_fraction ({self._finetune_fraction}) exceed 1"
+            )
+
+    def _check_decay(self) -> None:
+        is_mdgf = self.method.startswith("mdgf")
+        if self.beta is not None:
+            if not is_mdgf:
+                raise ConfigError(f"beta only applies to the mdgf-* methods, not {self.method!r}")
+            if not (isinstance(self.beta, (int, float)) and self.beta > 0 and math.isfinite(self.beta)):
+                raise ConfigError(f"beta must be a finite number > 0, got {self.beta!r}")
+            if self.decay_end_fraction is not None:
+                raise ConfigError("give beta or decay_end_fraction, not both")
+        if self.decay_end_fraction is not None:
+            if not is_mdgf:
+                raise ConfigError(f"decay_end_fraction only applies to the mdgf-* methods, not {self.method!r}")
+            if not (isinstance(self.decay_end_fraction, (int, float)) and 0 < self.decay_end_fraction <= 1):
+                raise ConfigError(f"decay_end_fraction must be within (0, 1], got {self.decay_end_fraction!r}")
+        if not (isinstance(self.decay_end_value, (int, float)) and 0 < self.decay_end_value < 1):
+            raise ConfigError(f"decay_end_value must be within (0, 1), got {self.decay_end_value!r}")
+
+    def _checked_patterns(self) -> str | tuple[NMPattern, ...] | dict[str, tuple[NMPattern, ...]] | None:
+        value = self.patterns
+        if value is None:
+            return None
+        if not (self.method.startswith("sdgf") or self.method.startswith("mdgf")):
+            raise ConfigError(f"patterns only apply to the sdgf-* and mdgf-* methods, not {self.method!r}")
+        if isinstance(value, str):
+            if value not in WALKS:
+                raise ConfigError(f"patterns must be 'stepwise', 'geometric' or a list of 'N:M', got {value!r}")
+            if self.method.startswith("sdgf"):
+                raise ConfigError(f"{self.method} already walks its own sequence; give an explicit list or nothing")
+            return value
+        if isinstance(value, Mapping):
+            unknown = set(value) - set(self.sparsity)
+            if unknown:
+                raise ConfigError(f"patterns name roles that sparsity does not: {sorted(unknown)}")
+            return {role: self._checked_sequence(role, seq) for role, seq in value.items()}
+        return {role: self._checked_sequence(role, value) for role in self.sparsity}
+
+    def _checked_sequence(self, role: str, sequence: Any) -> tuple[NMPattern, ...]:
+        if isinstance(sequence, str) or not isinstance(sequence, Sequence) or not sequence:
+            raise ConfigError(f"patterns for role {role!r} must be a non-empty list of 'N:M', got {sequence!r}")
+        parsed = tuple(NMPattern.parse(p) for p in sequence)
+        if parsed[-1] != self.sparsity[role]:
+            raise ConfigError(
+                f"patterns for role {role!r} must end at its target {self.sparsity[role]}, not {parsed[-1]}"
+            )
+        return parsed
+
+    # ----------------------------------------------------------------- derived values
+    @property
+    def _dense_fraction(self) -> float:
+        if self.dense_fraction is not None:
+            return self.dense_fraction
+        return 0.0 if self.dense_steps is not None else DEFAULT_DENSE_FRACTION
+
+    @property
+    def _finetune_fraction(self) -> float:
+        if self.finetune_fraction is not None:
+            return self.finetune_fraction
+        return 0.0 if self.finetune_steps is not None else DEFAULT_FINETUNE_FRACTION
+
+    @property
+    def walk(self) -> str | None:
+        """``"stepwise"``, ``"geometric"``, ``"explicit"`` or None (fixed target pattern)."""
+        if isinstance(self.patterns, dict):
+            return "explicit"
+        if self.patterns is not None:
+            return self.patterns
+        if self.method.startswith("sdgf"):
+            return self.method.removeprefix("sdgf-")
+        return None
+
+    def phase_plan(self, total_steps: int) -> PhasePlan:
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ConfigError(f"total_steps must be a whole number >= 1, got {total_steps!r}")
+        dense = self.dense_steps if self.dense_steps is not None else round(self._dense_fraction * total_steps)
+        finetune = (
+            self.finetune_steps
+            if self.finetune_steps is not None
+            else min(round(self._finetune_fraction * total_steps), total_steps - dense)
+        )
+        return PhasePlan(total_steps, dense, finetune)
+
+    def resolved_beta(self, total_steps: int) -> float | None:
+        """The MDGF rate per step: ``beta`` if given, else the one that ends the decay on time."""
+        if not self.method.startswith("mdgf"):
+            return None
+        if self.beta is not None:
+            return float(self.beta)
+        plan = self.phase_plan(total_steps)
+        end_fraction = self.decay_end_fraction or DEFAULT_DECAY_END_FRACTION
+        length = round(end_fraction * total_steps) - plan.dense_steps
+        if length <= 0:
+            raise ConfigError(
+                f"the MDGF decay would end (decay_end_fraction={end_fraction}, step "
+                f"{round(end_fraction * total_steps)}) before the dense phase does (step {plan.dense_steps})"
+            )
+        if self.method == "mdgf-linear":
+            return 1.0 / length
+        return math.log(1.0 / self.decay_end_value) / length
+
+    def decay_schedule(self, total_steps: int) -> DecaySchedule | None:
+        beta = self.resolved_beta(total_steps)
+        if beta is None:
+            return None
+        return linear_decay(beta) if self.method == "mdgf-linear" else exponential_decay(beta)
+
+    # ----------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (str, int, float, list, dict), for YAML/JSON and `weights_only` loads."""
+        data = asdict(self)
+        data["sparsity"] = {role: str(p) for role, p in self.sparsity.items()}
+        if isinstance(self.patterns, dict):
+            data["patterns"] = {role: [str(p) for p in seq] for role, seq in self.patterns.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown recipe keys {unknown}; known keys: {', '.join(sorted(known))}")
+        if "method" not in data:
+            raise ConfigError("recipe needs a 'method'")
+        return cls(**data)

@@ -1,0 +1,138 @@
+"""Schedules as pure functions of the optimizer step, so a resumed run needs nothing but the step.
+
+A run of ``total_steps`` T is split into three phases (paper §3):
+
+* ``dense``    for steps ``0 <= t < d``: plain training, no mask;
+* ``sparse``   for ``d <= t < T - s``: the recipe's mask decay (MDGF) or pattern walk (SDGF);
+* ``finetune`` for ``t >= T - s``: binary mask at the target pattern. Past T the run stays here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from nmflow.errors import ConfigError
+from nmflow.masks import NMPattern
+
+__all__ = [
+    "DecaySchedule",
+    "Phase",
+    "PhasePlan",
+    "exponential_decay",
+    "geometric_patterns",
+    "linear_decay",
+    "stepwise_patterns",
+]
+
+DecaySchedule = Callable[[int], float]
+"""D(j): the factor applied to pruned weights, j optimizer steps after the dense phase ends."""
+
+
+class Phase(str, Enum):
+    DENSE = "dense"
+    SPARSE = "sparse"
+    FINETUNE = "finetune"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    """Step boundaries of the three phases."""
+
+    total_steps: int
+    dense_steps: int
+    finetune_steps: int
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1:
+            raise ConfigError(f"total_steps must be >= 1, got {self.total_steps}")
+        if self.dense_steps < 0 or self.finetune_steps < 0:
+            raise ConfigError(
+                f"dense_steps and finetune_steps must be >= 0, got {self.dense_steps} and {self.finetune_steps}"
+            )
+        if self.dense_steps + self.finetune_steps > self.total_steps:
+            raise ConfigError(
+                f"dense_steps ({self.dense_steps}) + finetune_steps ({self.finetune_steps}) "
+                f"exceed total_steps ({self.total_steps})"
+            )
+
+    @property
+    def sparse_start(self) -> int:
+        return self.dense_steps
+
+    @property
+    def finetune_start(self) -> int:
+        return self.total_steps - self.finetune_steps
+
+    def phase(self, step: int) -> Phase:
+        if step >= self.finetune_start:
+            return Phase.FINETUNE
+        if step < self.sparse_start:
+            return Phase.DENSE
+        return Phase.SPARSE
+
+    def interval(self, step: int, count: int) -> int:
+        """Which of ``count`` equal intervals of the sparse window holds ``step`` (clamped to the window)."""
+        window = self.finetune_start - self.sparse_start
+        if window <= 0:
+            return count - 1
+        offset = min(max(step - self.sparse_start, 0), window - 1)
+        return offset * count // window
+
+
+def linear_decay(beta: float) -> DecaySchedule:
+    r"""MDGF-Linear: :math:`D(j) = \max(1 - \beta j, 0)`."""
+    return lambda j: max(1.0 - beta * j, 0.0)
+
+
+def exponential_decay(beta: float) -> DecaySchedule:
+    r"""MDGF-Exponential: :math:`D(j) = e^{-\beta j}`."""
+    return lambda j: math.exp(-beta * j)
+
+
+def stepwise_patterns(target: NMPattern) -> list[NMPattern]:
+    """SDGF-Stepwise: (M-1):M, M/2:M, M/4:M, ..., N:M (paper §3.2; 1:8 gives 7:8, 4:8, 2:8, 1:8).
+
+    Needs M/N to be a power of two, so that halving reaches N exactly.
+    """
+    n, m = target.n, target.m
+    ratio = m // n
+    if n == m or m % n or ratio & (ratio - 1):
+        raise ConfigError(
+            f"SDGF-stepwise cannot walk to {target}: the sequence (M-1):M, M/2:M, ... reaches N:M only when "
+            f"N < M and M/N is a power of two"
+        )
+    sequence = [NMPattern(m - 1, m)]
+    kept = m // 2
+    while kept >= n:
+        if NMPattern(kept, m) != sequence[-1]:
+            sequence.append(NMPattern(kept, m))
+        kept //= 2
+    return sequence
+
+
+def geometric_patterns(target: NMPattern, k: int, group_size: int) -> list[NMPattern]:
+    """SDGF-Geometric: kN:kM, (k/2)N:(k/2)M, ..., N:M, at constant density (paper §3.2, k = 16).
+
+    The block kM may not exceed what the layer's input dimension ``group_size`` can hold: the
+    multiplier is capped per step at the largest power of two whose block divides ``group_size``.
+    Every layer keeps log2(k) + 1 intervals, so all layers reach the target at the same step; a
+    capped layer simply stays on its largest feasible block for the first intervals.
+    """
+    if k < 1 or k & (k - 1):
+        raise ConfigError(f"geometric_k must be a power of two >= 1, got {k}")
+    cap = 1
+    while cap * 2 <= k and group_size % (cap * 2 * target.m) == 0:
+        cap *= 2
+    sequence = []
+    factor = k
+    while factor >= 1:
+        used = min(factor, cap)
+        sequence.append(NMPattern(target.n * used, target.m * used))
+        factor //= 2
+    return sequence

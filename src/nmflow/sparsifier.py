@@ -1,0 +1,295 @@
+"""`sparsify(model, recipe, total_steps)`: attach a recipe to any model, then step it like an LR scheduler.
+
+    sp = nmflow.sparsify(model, nmflow.Recipe("mdgf-exp", {"ff": "1:16"}), total_steps=T)
+    for batch in data:
+        loss(model(batch)).backward()
+        optimizer.step(); optimizer.zero_grad()
+        sp.step()
+    sp.finalize()  # exact N:M zeros in the weights, plain modules again
+
+The t-th forward pass (t = number of `step()` calls so far) runs under the schedule at step t,
+which is a pure function of t: resuming needs only `state_dict()` (the step, and the mask of a
+one-shot recipe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from nmflow.errors import ConfigError, FinalizedError, NonFiniteWeightError
+from nmflow.masks import NMPattern
+from nmflow.parametrization import GradientRule, NMParametrization
+from nmflow.recipes import Recipe
+from nmflow.schedules import Phase
+from nmflow.targets import Target, resolve_targets
+
+__all__ = ["Sparsifier", "SparsityStatus", "sparsify"]
+
+_STATE_VERSION = 1
+_RULES = {"srste": GradientRule.SRSTE, "oneshot": GradientRule.FROZEN}
+
+
+@dataclass(frozen=True)
+class SparsityStatus:
+    """Where the schedule stands: what the next forward pass uses."""
+
+    step: int
+    phase: Phase
+    decay: float | None  # D applied to pruned weights; None when masks are binary or absent
+    patterns: dict[str, str]  # "layer[role]" -> "N:M" or "dense"
+
+
+def sparsify(model: nn.Module, recipe: Recipe, total_steps: int, *, verbose: bool = True) -> Sparsifier:
+    """Attach ``recipe`` to ``model`` in place, for a run of ``total_steps`` optimizer steps.
+
+    Every check runs before the model is touched: on any error the model is left as it was.
+    Prints the table of the layers taken unless ``verbose=False`` (it is also `Sparsifier.table`).
+    """
+    if not isinstance(recipe, Recipe):
+        raise ConfigError(f"sparsify needs an nmflow.Recipe, got {type(recipe).__name__}")
+    plan = recipe.phase_plan(total_steps)
+    recipe.resolved_beta(total_steps)  # raises if the decay cannot end after the dense phase
+    targets = resolve_targets(model, recipe)
+    sparsifier = Sparsifier(model, recipe, total_steps, targets)
+    if plan.phase(0) is not Phase.DENSE:
+        sparsifier._check_finite()
+    sparsifier._attach()
+    if verbose:
+        print(sparsifier.table)
+    return sparsifier
+
+
+class Sparsifier:
+    """Owns the schedule of one model; created by `sparsify`."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, total_steps: int, targets: list[Target]) -> None:
+        self.model = model
+        self.recipe = recipe
+        self.total_steps = total_steps
+        self.targets = tuple(targets)
+        self.plan = recipe.phase_plan(total_steps)
+        self._decay = recipe.decay_schedule(total_steps)
+        self._step = 0
+        self._finalized = False
+        self._hooks: list = []
+        self._rule = _RULES.get(recipe.method, GradientRule.STRAIGHT_THROUGH)
+
+    # ----------------------------------------------------------------- schedule
+    @property
+    def step_count(self) -> int:
+        """Number of `step()` calls so far: the schedule step of the next forward pass."""
+        return self._step
+
+    @property
+    def masks_applied(self) -> bool:
+        return self.recipe.method != "dense"
+
+    def _decay_at(self, step: int) -> float | None:
+        if self._decay is None or self.plan.phase(step) is not Phase.SPARSE:
+            return None
+        return self._decay(step - self.plan.sparse_start)
+
+    def _patterns_at(self, target: Target, step: int) -> tuple[NMPattern | None, ...]:
+        phase = self.plan.phase(step)
+        if phase is Phase.DENSE or not self.masks_applied:
+            return (None,) * len(target.segments)
+        if phase is Phase.FINETUNE:
+            return tuple(seg.target for seg in target.segments)
+        return tuple(seg.sequence[self.plan.interval(step, len(seg.sequence))] for seg in target.segments)
+
+    def status(self) -> SparsityStatus:
+        step = self._step
+        phase = self.plan.phase(step) if self.masks_applied else Phase.DENSE
+        patterns = {}
+        for t in self.targets:
+            for seg, pattern in zip(t.segments, self._patterns_at(t, step)):
+                label = t.qualified_name if len(t.segments) == 1 else f"{t.qualified_name}[{seg.role}]"
+                patterns[label] = "dense" if pattern is None else str(pattern)
+        return SparsityStatus(step, phase, self._decay_at(step), patterns)
+
+    # ----------------------------------------------------------------- lifecycle
+    def step(self) -> None:
+        """Advance one optimizer step; call it right after ``optimizer.step()``."""
+        if self._finalized:
+            raise FinalizedError("step() called after finalize(); the model is no longer managed by nmflow")
+        if self.masks_applied and self.plan.phase(self._step + 1) is not Phase.DENSE:
+            self._check_finite()
+        self._step += 1
+        self._apply_schedule()
+
+    def finalize(self) -> nn.Module:
+        """Write exact N:M zeros (target patterns) into the weights and remove the parametrizations."""
+        if self._finalized:
+            raise FinalizedError("finalize() was already called")
+        if self.masks_applied:
+            self._check_finite()
+            with torch.no_grad():
+                masks = [self._final_mask(t) for t in self.targets]
+                for t, mask in zip(self.targets, masks):
+                    parametrize.remove_parametrizations(t.module, t.param_name, leave_parametrized=False)
+                    getattr(t.module, t.param_name).mul_(mask)
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._finalized = True
+        return self.model
+
+    def _final_mask(self, target: Target) -> torch.Tensor:
+        param = self._parametrization(target)
+        if param.fixed_mask is None:
+            param.set_state(tuple(seg.target for seg in target.segments), None)
+        return param.mask(self._original(target)).clone()
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """The step and any fixed masks (copies): all that resuming needs. Safe for ``weights_only`` loads."""
+        fixed = {}
+        if self.masks_applied and not self._finalized:
+            for t in self.targets:
+                mask = self._parametrization(t).fixed_mask
+                if mask is not None:
+                    fixed[t.qualified_name] = mask.detach().clone().cpu()
+        return {
+            "version": _STATE_VERSION,
+            "step": self._step,
+            "total_steps": self.total_steps,
+            "recipe": self.recipe.to_dict(),
+            "fixed_masks": fixed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``; checks it belongs to the same recipe and run length. Never mutates ``state``."""
+        if self._finalized:
+            raise FinalizedError("load_state_dict() called after finalize()")
+        missing = {"version", "step", "total_steps", "recipe", "fixed_masks"} - set(state)
+        if missing:
+            raise ConfigError(f"sparsifier state lacks {sorted(missing)}; was it saved by Sparsifier.state_dict()?")
+        if state["version"] != _STATE_VERSION:
+            raise ConfigError(f"sparsifier state has version {state['version']}, this nmflow reads {_STATE_VERSION}")
+        if state["total_steps"] != self.total_steps or Recipe.from_dict(state["recipe"]) != self.recipe:
+            raise ConfigError(
+                "sparsifier state was saved for another run: "
+                f"total_steps {state['total_steps']} vs {self.total_steps}, "
+                f"recipe {state['recipe']} vs {self.recipe.to_dict()}"
+            )
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"sparsifier state has an invalid step {step!r}")
+        by_name = {t.qualified_name: t for t in self.targets}
+        unknown = set(state["fixed_masks"]) - set(by_name)
+        if unknown:
+            raise ConfigError(f"sparsifier state has masks for layers this model lacks: {sorted(unknown)}")
+        for name, mask in state["fixed_masks"].items():
+            expected = getattr(by_name[name].module, by_name[name].param_name).shape
+            if tuple(mask.shape) != tuple(expected) or mask.dtype != torch.bool:
+                raise ConfigError(
+                    f"fixed mask for {name} has shape {tuple(mask.shape)}/{mask.dtype}, expected {tuple(expected)}/bool"
+                )
+        if self.masks_applied:
+            for t in self.targets:
+                mask = state["fixed_masks"].get(t.qualified_name)
+                param = self._parametrization(t)
+                param.fixed_mask = None if mask is None else mask.to(param.decay.device, copy=True)
+        self._step = step
+        self._apply_schedule()
+
+    # ----------------------------------------------------------------- attaching
+    def _attach(self) -> None:
+        if not self.masks_applied:
+            return
+        for t in self.targets:
+            shape = getattr(t.module, t.param_name).shape
+            param = NMParametrization(t.segments, t.in_dim, t.out_dim, shape, self._rule, self.recipe.srste_lambda)
+            param.to(getattr(t.module, t.param_name).device)
+            parametrize.register_parametrization(t.module, t.param_name, param)
+            self._hooks.append(t.module.register_state_dict_post_hook(_keep_key(t.param_name)))
+            self._hooks.append(t.module.register_load_state_dict_pre_hook(_restore_key(t.param_name)))
+        self._apply_schedule()
+
+    def _apply_schedule(self) -> None:
+        if not self.masks_applied:
+            return
+        decay = self._decay_at(self._step)
+        freeze = self._rule is GradientRule.FROZEN and self.plan.phase(self._step) is not Phase.DENSE
+        for t in self.targets:
+            param = self._parametrization(t)
+            param.set_state(self._patterns_at(t, self._step), decay)
+            if freeze and param.fixed_mask is None:  # one-shot: prune once, at the end of the dense phase
+                with torch.no_grad():
+                    param.fixed_mask = param.mask(self._original(t)).clone()
+
+    def _check_finite(self) -> None:
+        tensors = [self._original(t) if self._is_attached(t) else getattr(t.module, t.param_name) for t in self.targets]
+        if not tensors:
+            return
+        with torch.no_grad():
+            finite = torch.stack([torch.isfinite(w).all() for w in tensors]).cpu()
+        if not finite.all():
+            bad = [t.qualified_name for t, ok in zip(self.targets, finite.tolist()) if not ok]
+            raise NonFiniteWeightError(f"NaN or inf in the weights of {', '.join(bad)}; no mask can be computed")
+
+    def _is_attached(self, target: Target) -> bool:
+        return parametrize.is_parametrized(target.module, target.param_name)
+
+    def _parametrization(self, target: Target) -> NMParametrization:
+        return getattr(target.module.parametrizations, target.param_name)[0]
+
+    def _original(self, target: Target) -> torch.Tensor:
+        return getattr(target.module.parametrizations, target.param_name).original
+
+    # ----------------------------------------------------------------- reporting
+    @property
+    def table(self) -> str:
+        """The layers taken: name, role, shape, grouping dimension, target and pattern walk."""
+        rows = [("layer", "role", "shape", "in-dim", "target", "schedule")]
+        for t in self.targets:
+            shape = "x".join(str(s) for s in self._original_or_param(t).shape)
+            for seg in t.segments:
+                walk = " > ".join(str(p) for p in seg.sequence) if len(seg.sequence) > 1 else ""
+                target = "dense" if not self.masks_applied else str(seg.target)
+                rows.append((t.qualified_name, seg.role, shape, str(t.in_dim), target, walk))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        plan = self.plan
+        header = (
+            f"nmflow: {self.recipe.method}, {len(self.targets)} tensors, {self.total_steps} steps "
+            f"(dense 0-{plan.sparse_start}, sparse {plan.sparse_start}-{plan.finetune_start}, "
+            f"finetune {plan.finetune_start}-{plan.total_steps})"
+        )
+        if self._decay is not None:
+            header += f", beta={self.recipe.resolved_beta(self.total_steps):.4g}"
+        return header + "\n" + "\n".join(lines)
+
+    def _original_or_param(self, target: Target) -> torch.Tensor:
+        return self._original(target) if self._is_attached(target) else getattr(target.module, target.param_name)
+
+    def __repr__(self) -> str:
+        method, targets = self.recipe.method, len(self.targets)
+        return f"Sparsifier(method={method!r}, step={self._step}/{self.total_steps}, targets={targets})"
+
+
+def _keep_key(param_name: str):
+    """State-dict post-hook: report ``parametrizations.<p>.original`` under its own name ``<p>``."""
+
+    def hook(module, state_dict, prefix, local_metadata):
+        key = f"{prefix}parametrizations.{param_name}.original"
+        if key in state_dict:
+            state_dict[f"{prefix}{param_name}"] = state_dict.pop(key)
+
+    return hook
+
+
+def _restore_key(param_name: str):
+    """Load pre-hook: the inverse of `_keep_key`, so plain checkpoints load into a sparsified model."""
+
+    def hook(module, state_dict, prefix, *args):
+        key = f"{prefix}{param_name}"
+        if key in state_dict and parametrize.is_parametrized(module, param_name):
+            state_dict[f"{prefix}parametrizations.{param_name}.original"] = state_dict.pop(key)
+
+    return hook
