@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from nmflow.errors import ConfigError, NoMatchingTargetError
 from nmflow.masks import NMPattern
@@ -125,8 +126,13 @@ def _slots(model: nn.Module) -> Iterator[_Slot]:
                     yield _Slot(name, module, f"{role}_proj_weight", 1, 0, (role,))
             continue
         layout = _layout(module)
-        if layout is not None and isinstance(getattr(module, "weight", None), nn.Parameter):
+        if layout is not None and _has_weight(module):
             yield _Slot(name, module, "weight", *layout, _detect_roles(name, module, parents.get(name)))
+
+
+def _has_weight(module: nn.Module) -> bool:
+    # a parametrized weight (sparsified already) still counts, so that a second attempt is named as such
+    return isinstance(getattr(module, "weight", None), nn.Parameter) or parametrize.is_parametrized(module, "weight")
 
 
 def _sequence(recipe: Recipe, key: str, target: NMPattern, group_size: int) -> tuple[NMPattern, ...]:
@@ -236,8 +242,6 @@ def _reject_unsupported_regex_matches(model: nn.Module, recipe: Recipe, slots: l
 
 
 def _check_not_taken(slot: _Slot) -> None:
-    from torch.nn.utils import parametrize
-
     if parametrize.is_parametrized(slot.module, slot.param_name):
         raise ConfigError(
             f"{slot.name}.{slot.param_name} is already parametrized (sparsified twice?); "
