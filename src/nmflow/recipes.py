@@ -76,7 +76,7 @@ class Recipe:
     """
 
     method: str
-    sparsity: Mapping[str, str] = field(default_factory=dict)
+    sparsity: Mapping[str, str | NMPattern] = field(default_factory=dict)
     dense_fraction: float | None = None
     dense_steps: int | None = None
     finetune_fraction: float | None = None

@@ -256,11 +256,14 @@ class Sparsifier:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         plan = self.plan
-        header = (
-            f"nmflow: {self.recipe.method}, {len(self.targets)} tensors, {self.total_steps} steps "
-            f"(dense 0-{plan.sparse_start}, sparse {plan.sparse_start}-{plan.finetune_start}, "
-            f"finetune {plan.finetune_start}-{plan.total_steps})"
-        )
+        header = f"nmflow: {self.recipe.method}, {len(self.targets)} tensors, {self.total_steps} steps "
+        if not self.masks_applied:
+            header += "(reference run: no masks)"
+        else:
+            header += (
+                f"(dense 0-{plan.sparse_start}, sparse {plan.sparse_start}-{plan.finetune_start}, "
+                f"finetune {plan.finetune_start}-{plan.total_steps})"
+            )
         if self._decay is not None:
             header += f", beta={self.recipe.resolved_beta(self.total_steps):.4g}"
         return header + "\n" + "\n".join(lines)
