@@ -109,3 +109,31 @@ def test_status_reports_phase_decay_and_patterns_over_a_run():
         (4, "finetune", None, "1:4"),
         (5, "finetune", None, "1:4"),
     ]
+
+
+@pytest.mark.parametrize(
+    "method,sparsity",
+    [
+        ("sdgf-stepwise", {"ff": "1:16", "qk": "1:8"}),
+        ("sdgf-geometric", {"ff": "1:4"}),
+        ("mdgf-linear", {"ff": "1:4", "qk": "1:2"}),
+        ("mdgf-exp", {"ff": "1:4"}),
+        ("oneshot", {"ff": "1:4"}),
+        ("dense", {"ff": "1:4"}),
+    ],
+)
+def test_schedule_state_count_matches_a_walk_over_every_step(method, sparsity):
+    from helpers import TimmStyleViT
+
+    sp = nmflow.sparsify(
+        TimmStyleViT(depth=1),
+        nmflow.Recipe(method, sparsity, dense_steps=3, finetune_steps=5),
+        total_steps=37,
+        verbose=False,
+    )
+    seen = set()
+    for _ in range(40):
+        status = sp.status()
+        seen.add((tuple(status.patterns.values()), bool(status.decay)))
+        sp.step()
+    assert sp.schedule_states() == len(seen)

@@ -92,7 +92,7 @@ class NMParametrization(nn.Module):
         """The boolean mask under the current patterns (or the frozen one)."""
         if self.fixed_mask is not None:
             return self.fixed_mask
-        if self._covers_all:
+        if self._covers_all and self.patterns[0] is not None:
             return compute_mask(weight, self.patterns[0], self.in_dim)
         mask = torch.ones_like(weight, dtype=torch.bool)
         for seg, pattern in zip(self.segments, self.patterns):

@@ -14,6 +14,7 @@ one-shot recipe).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ from nmflow.targets import Target, resolve_targets
 __all__ = ["Sparsifier", "SparsityStatus", "sparsify"]
 
 _STATE_VERSION = 1
+_DYNAMO_RECOMPILE_LIMIT = 8
 _RULES = {"srste": GradientRule.SRSTE, "oneshot": GradientRule.FROZEN}
 
 
@@ -100,6 +102,27 @@ class Sparsifier:
         if phase is Phase.FINETUNE:
             return tuple(seg.target for seg in target.segments)
         return tuple(seg.sequence[self.plan.interval(step, len(seg.sequence))] for seg in target.segments)
+
+    def schedule_states(self) -> int:
+        """How many distinct (patterns, decaying) states the run passes through.
+
+        Under ``torch.compile`` each state is one graph, and dynamo stops compiling past
+        ``torch._dynamo.config.recompile_limit`` (8 by default) graphs per function.
+        """
+        plan = self.plan
+        starts = {0, plan.sparse_start, plan.finetune_start, plan.total_steps}
+        window = plan.finetune_start - plan.sparse_start
+        for t in self.targets:
+            for seg in t.segments:
+                count = len(seg.sequence)
+                starts.update(plan.sparse_start + -(-i * window // count) for i in range(count))
+        if self.recipe.method == "mdgf-linear":  # D reaches 0 and the masks turn binary
+            starts.add(plan.sparse_start + math.ceil(1 / self.recipe.resolved_beta(self.total_steps)))
+        states = set()
+        for step in starts:
+            decay = self._decay_at(step)
+            states.add((tuple(self._patterns_at(t, step) for t in self.targets), bool(decay)))
+        return len(states)
 
     def status(self) -> SparsityStatus:
         step = self._step
@@ -266,6 +289,12 @@ class Sparsifier:
             )
         if self._decay is not None:
             header += f", beta={self.recipe.resolved_beta(self.total_steps):.4g}"
+        states = self.schedule_states()
+        if states > _DYNAMO_RECOMPILE_LIMIT:
+            header += (
+                f"\nnote: {states} schedule states; under torch.compile each is one graph, so raise "
+                f"torch._dynamo.config.recompile_limit above its default {_DYNAMO_RECOMPILE_LIMIT}"
+            )
         return header + "\n" + "\n".join(lines)
 
     def _original_or_param(self, target: Target) -> torch.Tensor:

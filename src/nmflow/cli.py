@@ -1,0 +1,125 @@
+"""The ``nmflow`` command: parses the command line and hands over to the module of each subcommand.
+
+    nmflow train [--method M] [--sparsity ROLE=N:M ...] [--steps T] [--config FILE] ...
+
+Errors in the input end the command with one line, ``nmflow: error: ...``, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from collections.abc import Sequence
+from dataclasses import MISSING, fields
+from typing import Any, NoReturn
+
+from nmflow.errors import ConfigError, NmflowError
+from nmflow.masks import NMPattern
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2  # bad input, as argparse does
+EXIT_FAILURE = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports usage errors on one line, like every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"nmflow: error: {message} (see '{self.prog} --help')\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _Parser(prog="nmflow", description="N:M structured-sparse training with progressive gradient flow.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_command(commands)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as err:
+        return _fail(err, EXIT_USAGE)
+    except NmflowError as err:
+        return _fail(err, EXIT_FAILURE)
+
+
+def _fail(err: Exception, status: int) -> int:
+    print(f"nmflow: error: {err}", file=sys.stderr)
+    return status
+
+
+# ----------------------------------------------------------------------------- nmflow train
+def _add_train_command(commands: Any) -> None:
+    from nmflow.train import TrainConfig
+
+    command = commands.add_parser(
+        "train",
+        help="train a small ViT on the bundled digits under an N:M recipe",
+        description="Train a small ViT on scikit-learn's bundled digits under an N:M recipe, check the realized "
+        "pattern and save the model. Flags override --config.",
+        argument_default=argparse.SUPPRESS,  # only the flags given reach the config, over the file's values
+    )
+    command.add_argument("--config", metavar="FILE", help="YAML file with the keys of these flags, underscored")
+    command.add_argument(
+        "--sparsity",
+        action="append",
+        type=_role_pattern,
+        metavar="ROLE=N:M",
+        help="target pattern of a role (ff, q, k, v, qk, qkv, attn_out, re:<regex>); repeat for several roles; "
+        "any given replaces the default ff=1:16",
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if f.name == "sparsity" or not f.metadata.get("cli", True):
+            continue
+        flag, kind = "--" + f.name.replace("_", "-"), _scalar_type(hints[f.name])
+        default = "" if f.default in (MISSING, None, False) else f" (default: {f.default})"
+        if kind is bool:
+            command.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            metavar = f.name.upper() if f.metadata.get("choices") is None else None
+            command.add_argument(
+                flag, type=kind, choices=f.metadata.get("choices"), metavar=metavar, help=f.metadata["help"] + default
+            )
+    command.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    command.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from nmflow.train import TrainConfig, read_config_file, train
+
+    given = vars(args)
+    values = read_config_file(given["config"]) if "config" in given else {}
+    flags = {k: v for k, v in given.items() if k not in ("command", "run", "config", "overwrite")}
+    if "sparsity" in flags:
+        flags["sparsity"] = _sparsity_mapping(flags["sparsity"])
+    config = TrainConfig.from_dict({**values, **flags})
+    train(config, overwrite=given.get("overwrite", False))
+    return 0
+
+
+def _role_pattern(text: str) -> tuple[str, str]:
+    """``"ff=1:16"`` -> ``("ff", "1:16")``; the role itself is checked by the recipe."""
+    role, sep, pattern = text.partition("=")
+    if not sep or not role.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not ROLE=N:M, e.g. ff=1:16")
+    try:
+        NMPattern.parse(pattern)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+    return role.strip(), pattern.strip()
+
+
+def _sparsity_mapping(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for role, pattern in pairs:
+        if role in mapping:
+            raise ConfigError(f"--sparsity gives role {role!r} twice ({mapping[role]} and {pattern})")
+        mapping[role] = pattern
+    return mapping
+
+
+def _scalar_type(hint: Any) -> type:
+    """``int``, ``float``, ``str`` or ``bool`` out of a field's type, ``X | None`` included."""
+    options = [arg for arg in typing.get_args(hint) if arg is not type(None)] or [hint]
+    return options[0]

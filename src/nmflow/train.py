@@ -1,0 +1,505 @@
+"""`nmflow train`: train a small ViT on the bundled digits under an N:M recipe, verify the pattern, save the model.
+
+    nmflow train                                          # mdgf-exp, ff=1:16, on CPU, about a minute
+    nmflow train --method srste --sparsity ff=1:16 --sparsity qk=1:8 --steps 2000
+    nmflow train --config run.yaml --seed 3               # flags override the file
+
+From Python: ``summary = train(TrainConfig(method="ste", steps=300))``.
+
+A run writes into its output folder: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON
+object per logged step or evaluation), ``summary.json``, and the finalized model as ``model.safetensors``
++ ``config.json`` (``ViTForImageClassification.from_pretrained(folder)`` loads it back).
+Validation accuracy is measured during training; the test split is evaluated once, at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+import types
+import typing
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nmflow import __version__
+from nmflow.data import Split, batch_indices, load_digits_splits
+from nmflow.errors import ConfigError
+from nmflow.masks import is_nm, realized_n
+from nmflow.recipes import METHODS, Recipe
+from nmflow.sparsifier import Sparsifier, sparsify
+
+__all__ = ["VIT_CONFIG", "TrainConfig", "format_summary", "learning_rate", "read_config_file", "train"]
+
+VIT_CONFIG = {
+    "image_size": 8,
+    "patch_size": 2,  # 16 patches of 2x2 pixels, plus the class token
+    "num_channels": 1,
+    "hidden_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "intermediate_size": 256,
+    "num_labels": 10,
+}
+MIN_LR_RATIO = 0.1  # the cosine ends at lr / 10, as in nanoGPT (after Chinchilla)
+EVAL_BATCH_SIZE = 1024
+SEED_LIMIT = 2**32  # scikit-learn's random_state takes seeds below 2**32
+
+
+def _option(default: Any, help: str, **metadata: Any) -> Any:
+    """A config field whose help text is also the CLI help, so the two cannot drift apart."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help, **metadata})
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on. Validated on construction; the keys of config files and of ``summary.json``."""
+
+    method: str = _option("mdgf-exp", "training method", choices=METHODS)
+    sparsity: dict[str, str] = _option({"ff": "1:16"}, "target pattern per role, e.g. {'ff': '1:16', 'qk': '1:8'}")
+    steps: int = _option(1000, "optimizer steps")
+    seed: int = _option(0, "seed of the model initialization and of the batch order")
+    data_seed: int = _option(0, "seed of the train/validation/test split, independent of --seed")
+    out: str | None = _option(None, "output folder (default: runs/<method>-<date>-<time>)")
+    device: str = _option("cpu", "torch device, e.g. cpu or cuda")
+    threads: int = _option(1, "CPU threads of torch; this model is too small to gain from more, and busy cores slow it")
+    batch_size: int = _option(64, "training batch size")
+    lr: float = _option(1e-3, "peak learning rate of AdamW")
+    warmup_fraction: float = _option(0.05, "fraction of the steps spent warming the learning rate up linearly")
+    weight_decay: float = _option(0.05, "AdamW weight decay of matrices and embeddings (biases and norms get none)")
+    grad_clip: float = _option(1.0, "clip the gradient norm to this value (0: no clipping)")
+    eval_every: int = _option(100, "evaluate on the validation split every this many steps")
+    log_every: int = _option(10, "write a metrics line every this many steps")
+    # The recipe's options; None leaves nmflow.Recipe's default.
+    dense_fraction: float | None = _option(None, "fraction of the steps trained dense first (recipe default 5%%)")
+    dense_steps: int | None = _option(None, "length of the dense phase in steps, instead of --dense-fraction")
+    finetune_fraction: float | None = _option(None, "fraction of the steps fine-tuned at the target (default 15%%)")
+    finetune_steps: int | None = _option(None, "length of the fine-tuning phase, instead of --finetune-fraction")
+    beta: float | None = _option(None, "MDGF decay rate per step (default: set by --decay-end-fraction)")
+    decay_end_fraction: float | None = _option(None, "MDGF: fraction of the steps where the decay ends (default 0.7)")
+    decay_end_value: float | None = _option(None, "MDGF-exp: D at the end of the decay (default 0.01)")
+    srste_lambda: float | None = _option(None, "SR-STE decay of pruned weights (default 2e-4)")
+    geometric_k: int | None = _option(None, "SDGF-geometric first block multiplier, a power of two (default 16)")
+    patterns: str | list[str] | dict[str, list[str]] | None = _option(
+        None, "pattern walk: 'stepwise', 'geometric', a list of 'N:M' or a mapping role -> list", cli=False
+    )
+    skip_indivisible: bool = _option(False, "leave layers dense whose input size M does not divide, instead of failing")
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not _matches(value, hints[f.name]):
+                raise ConfigError(f"{f.name} must be {_describe(hints[f.name])}, got {value!r}")
+        for name in ("steps", "threads", "batch_size", "eval_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("seed", "data_seed"):
+            if not 0 <= getattr(self, name) < SEED_LIMIT:
+                raise ConfigError(f"{name} must be within [0, 2**32), got {getattr(self, name)!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"warmup_fraction must be within [0, 1), got {self.warmup_fraction!r}")
+        for name in ("weight_decay", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if self.out is not None and not self.out.strip():
+            raise ConfigError("out must name a folder, got an empty string")
+        _check_device(self.device)
+        recipe = self.recipe()
+        recipe.phase_plan(self.steps)
+        recipe.resolved_beta(self.steps)  # raises if the decay cannot end after the dense phase
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Build from plain data (a config file plus flags); unknown keys are an error, not ignored."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown config key {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}")
+        return cls(**data)
+
+    def recipe(self) -> Recipe:
+        options = {name: getattr(self, name) for name in RECIPE_OPTIONS if getattr(self, name) is not None}
+        return Recipe(self.method, self.sparsity, **options)
+
+    def resolved(self, out: Path) -> dict[str, Any]:
+        """What ``config.yaml`` holds: every key with the value used, the recipe's defaults spelled out."""
+        recipe = {k: v for k, v in self.recipe().to_dict().items() if k in (*RECIPE_OPTIONS, "sparsity")}
+        return {"nmflow_version": __version__, **asdict(replace(self, out=str(out), **recipe))}
+
+
+_RECIPE_ONLY = {f.name for f in fields(Recipe)} - {"method", "sparsity"}
+RECIPE_OPTIONS = tuple(f.name for f in fields(TrainConfig) if f.name in _RECIPE_ONLY)
+"""The config keys passed on to `nmflow.Recipe` as they are."""
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    names = {int: "a whole number", float: "a number", str: "text", bool: "true or false", type(None): "null"}
+    return names.get(hint) or {dict: "a mapping", list: "a list"}[typing.get_origin(hint)]
+
+
+def _check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+        if device.type != "cpu":
+            torch.empty(0, device=device)  # fails now, not after the data is loaded, if the device is absent
+    except (RuntimeError, AssertionError) as err:
+        raise ConfigError(f"device {name!r} cannot be used: {err}") from None
+
+
+# ----------------------------------------------------------------------------- config files
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file, unchecked: `TrainConfig.from_dict` checks the keys and values.
+
+    Numbers follow YAML 1.2, as people write them: ``1e-3`` is a number (PyYAML alone reads text) and
+    ``1:16`` is text (PyYAML alone reads the base-60 number 76). A ``nmflow_version`` key, written into
+    every ``config.yaml``, is dropped, so a run's config file can be given back to ``--config``.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=_yaml12_loader())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    data.pop("nmflow_version", None)
+    return data
+
+
+def _yaml12_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    numeric = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, regex) for tag, regex in resolvers if tag not in numeric]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(
+            r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+        ),
+        list("-+0123456789."),
+    )
+    return Loader
+
+
+# ----------------------------------------------------------------------------- training
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warmup to ``lr``, then a cosine down to ``lr * MIN_LR_RATIO`` at the last step (``step`` is 0-based).
+
+    A pure function of the step, like nmflow's own schedules, so a resumed run needs nothing else.
+    """
+    warmup = round(config.warmup_fraction * config.steps)
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    progress = min((step - warmup) / max(config.steps - 1 - warmup, 1), 1.0)
+    min_lr = config.lr * MIN_LR_RATIO
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - min_lr)
+
+
+def train(config: TrainConfig, *, overwrite: bool = False, verbose: bool = True) -> dict[str, Any]:
+    """Run ``config`` from data to saved model and return the summary (also written to ``summary.json``).
+
+    A `ConfigError` (bad output folder, a recipe that does not fit the model) comes before anything is
+    written. ``overwrite`` allows writing into a non-empty output folder; ``verbose=False`` prints nothing.
+    """
+    started = time.perf_counter()
+    out = _output_folder(config, overwrite)
+    with _torch_threads(config.threads):
+        recipe = config.recipe()
+        device = torch.device(config.device)
+        data = load_digits_splits(config.data_seed)
+        train_split, val_split = data.train.to(device), data.val.to(device)
+
+        torch.manual_seed(config.seed)
+        model = _build_model().to(device)
+        sp = sparsify(model, recipe, total_steps=config.steps, verbose=verbose)  # checks the recipe fits the model
+        optimizer = _optimizer(model, config)
+        batches = batch_indices(len(train_split), config.batch_size, torch.Generator().manual_seed(config.seed))
+        segment_keys = _segment_keys(sp)
+
+        out.mkdir(parents=True, exist_ok=True)
+        _write_yaml(out / "config.yaml", config.resolved(out))
+        model.train()
+        with open(out / "metrics.jsonl", "w") as metrics:
+            for step in _progress_bar(config.steps, verbose):
+                status = sp.status()  # the phase, D and patterns of this step's forward pass
+                lr = learning_rate(step, config)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = next(batches).to(device)
+                logits = model(pixel_values=train_split.images[batch]).logits
+                loss = F.cross_entropy(logits, train_split.labels[batch])
+                loss.backward()
+                if config.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                sp.step()
+
+                done = step + 1
+                if done % config.log_every == 0 or done == config.steps:
+                    patterns = _patterns_by_key(status.patterns, segment_keys)
+                    line = {"step": done, "loss": loss.item(), "lr": lr, "phase": str(status.phase), "D": status.decay}
+                    _write_line(metrics, {**line, "patterns": patterns})
+                if done % config.eval_every == 0 and done < config.steps:
+                    val_loss, val_accuracy = evaluate(model, val_split)
+                    _write_line(metrics, {"step": done, "val_loss": val_loss, "val_accuracy": val_accuracy})
+
+            sp.finalize()  # exact N:M zeros in the weights; plain modules from here on
+            val_loss, val_accuracy = evaluate(model, val_split)
+            final = {"step": config.steps, "finalized": True, "val_loss": val_loss, "val_accuracy": val_accuracy}
+            _write_line(metrics, final)
+        test_loss, test_accuracy = evaluate(model, data.test.to(device))  # the only look at the test split
+        layers = verify_patterns(sp)
+        with _quiet_transformers_progress():
+            model.save_pretrained(out)
+
+        summary = {
+            "method": config.method,
+            "sparsity": recipe.to_dict()["sparsity"],
+            "steps": config.steps,
+            "seed": config.seed,
+            "data_seed": config.data_seed,
+            "phases": _phases(sp),
+            "beta": recipe.resolved_beta(config.steps),
+            "test_accuracy": test_accuracy,
+            "test_loss": test_loss,
+            "test_examples": len(data.test),
+            "val_accuracy": val_accuracy,
+            "val_loss": val_loss,
+            "layers": layers,
+            "sparsified_weights": {"kept": sum(r["kept"] for r in layers), "total": sum(r["total"] for r in layers)},
+            "model_parameters": {
+                "nonzero": sum(int(p.count_nonzero()) for p in model.parameters()),
+                "total": sum(p.numel() for p in model.parameters()),
+            },
+            "wall_time_s": round(time.perf_counter() - started, 1),
+            "out": str(out),
+            "nmflow_version": __version__,
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if verbose:
+            print(format_summary(summary))
+        return summary
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy on ``split`` in eval mode; leaves the model in train mode."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(split), EVAL_BATCH_SIZE):
+        images, labels = split.images[start : start + EVAL_BATCH_SIZE], split.labels[start : start + EVAL_BATCH_SIZE]
+        logits = model(pixel_values=images).logits
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(-1) == labels).sum())
+    model.train()
+    return loss_sum / len(split), correct / len(split)
+
+
+def verify_patterns(sp: Sparsifier) -> list[dict[str, Any]]:
+    """After `finalize`: check that every sparsified weight holds its target N:M, and report what it holds.
+
+    One record per segment (a packed QKV tensor has one per role claimed). Empty for the dense method.
+    """
+    records = []
+    if not sp.masks_applied:
+        return records
+    for target in sp.targets:
+        weight = getattr(target.module, target.param_name).detach()
+        for seg in target.segments:
+            block = weight.narrow(target.out_dim, seg.start, seg.stop - seg.start)
+            n, m = seg.target.n, seg.target.m
+            realized = realized_n(block, m, target.in_dim)
+            if not is_nm(block, n, m, target.in_dim):
+                raise RuntimeError(
+                    f"{target.qualified_name} ({seg.role}) should be {seg.target} after finalize, "
+                    f"but a group of {m} holds {realized} non-zeros"
+                )
+            records.append(
+                {
+                    "layer": target.qualified_name,
+                    "role": seg.role,
+                    "target": str(seg.target),
+                    "realized": f"{realized}:{m}",
+                    "kept": int(block.count_nonzero()),
+                    "total": block.numel(),
+                }
+            )
+    return records
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """The summary as printed at the end of a run."""
+    sparsity = ", ".join(f"{role}={pattern}" for role, pattern in summary["sparsity"].items()) or "no targets"
+    lines = [
+        f"nmflow train: {summary['method']} ({sparsity}), {summary['steps']} steps, seed {summary['seed']}",
+        f"  test accuracy        {summary['test_accuracy']:.1%} on {summary['test_examples']} held-out digits",
+        f"  validation accuracy  {summary['val_accuracy']:.1%}",
+    ]
+    if summary["layers"]:
+        lines.append(f"  sparsified layers    {len(summary['layers'])}, patterns checked after finalize:")
+        width = max(len(r["layer"]) for r in summary["layers"])
+        for r in summary["layers"]:
+            lines.append(f"    {r['layer']:<{width}}  {r['role']:<4}  {r['realized']:<6}  exact")
+    else:
+        lines.append("  sparsified layers    none: the dense method trains the reference model")
+    kept, params = summary["sparsified_weights"], summary["model_parameters"]
+    if kept["total"]:
+        lines.append(f"  sparsified weights   {_fraction(kept['kept'], kept['total'])} kept")
+    lines += [
+        f"  model parameters     {_fraction(params['nonzero'], params['total'])} non-zero",
+        f"  wall time            {summary['wall_time_s']:.1f} s",
+        f"  output               {summary['out']}/ (config.yaml, metrics.jsonl, summary.json, model.safetensors)",
+    ]
+    return "\n".join(lines)
+
+
+def _fraction(part: int, whole: int) -> str:
+    return f"{part:,} of {whole:,} ({part / whole:.1%})"
+
+
+# ----------------------------------------------------------------------------- helpers
+def _output_folder(config: TrainConfig, overwrite: bool) -> Path:
+    default = Path("runs") / f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(config.out) if config.out is not None else default
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output folder {out} is a file")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output folder {out} is not empty; choose another --out or pass --overwrite")
+    return out
+
+
+def _build_model() -> nn.Module:
+    """A randomly initialized ViT (nothing is downloaded), seeded by the caller."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    digits = {i: str(i) for i in range(VIT_CONFIG["num_labels"])}
+    config = ViTConfig(**VIT_CONFIG, id2label=digits, label2id={name: i for i, name in digits.items()})
+    return ViTForImageClassification(config)
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW that decays matrices and embeddings but not biases or norm gains (as nanoGPT does)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def _segment_keys(sp: Sparsifier) -> dict[str, str]:
+    """Label of each segment in `SparsityStatus.patterns` -> the recipe key that claimed it."""
+    keys = {}
+    for target in sp.targets:
+        for seg in target.segments:
+            single = len(target.segments) == 1
+            keys[target.qualified_name if single else f"{target.qualified_name}[{seg.role}]"] = seg.key
+    return keys
+
+
+def _patterns_by_key(patterns: Mapping[str, str], segment_keys: Mapping[str, str]) -> dict[str, str]:
+    """The distinct current patterns of each recipe key, e.g. ``{"ff": "1:16"}``; several are comma-joined."""
+    by_key: dict[str, list[str]] = {}
+    for label, pattern in patterns.items():
+        distinct = by_key.setdefault(segment_keys[label], [])
+        if pattern not in distinct:
+            distinct.append(pattern)
+    return {key: ",".join(distinct) for key, distinct in by_key.items()}
+
+
+def _phases(sp: Sparsifier) -> dict[str, list[int]]:
+    plan = sp.plan
+    if not sp.masks_applied:
+        return {"dense": [0, plan.total_steps]}
+    return {
+        "dense": [0, plan.sparse_start],
+        "sparse": [plan.sparse_start, plan.finetune_start],
+        "finetune": [plan.finetune_start, plan.total_steps],
+    }
+
+
+def _progress_bar(steps: int, verbose: bool):
+    from tqdm import tqdm
+
+    # disable=None: silent when stdout is not a terminal (logs, pipes, CI)
+    return tqdm(range(steps), desc="training", unit="step", file=sys.stdout, disable=None if verbose else True)
+
+
+def _write_line(file, record: Mapping[str, Any]) -> None:
+    file.write(json.dumps(record) + "\n")
+    file.flush()
+
+
+def _write_yaml(path: Path, data: Mapping[str, Any]) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(dict(data), sort_keys=False))
+
+
+@contextmanager
+def _torch_threads(count: int):
+    """Run with ``count`` intra-op CPU threads, then give the caller back its own setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
+def _quiet_transformers_progress():
+    """Hide the one-shard "Writing model shards" bar of ``save_pretrained``; restore the setting afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
