@@ -165,3 +165,29 @@ def test_finalize_writes_exact_zeros_and_leaves_plain_modules():
     assert torch.equal(model.fc.weight.detach(), weight * reference_mask(weight, *TARGET, dim=1))
     with pytest.raises(nmflow.FinalizedError):
         sp.step()
+
+
+def test_verify_reports_each_segment_and_catches_a_broken_pattern():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+    recipe = nmflow.Recipe("ste", {"ff": "1:4", "qk": "1:8"}, dense_steps=1)
+    sp = nmflow.sparsify(model, recipe, total_steps=4, verbose=False)
+    with pytest.raises(nmflow.NmflowError, match="finalize"):
+        sp.verify()
+    assert sp.status().by_key == {"qk": "dense", "ff": "dense"}
+    for _ in range(4):
+        sp.step()
+    assert sp.status().by_key == {"qk": "1:8", "ff": "1:4"}
+    sp.finalize()
+    records = {r["layer"]: r for r in sp.verify()}
+    attn = "layers.0.self_attn.in_proj_weight[qk]"
+    assert set(records) == {attn, "layers.0.linear1", "layers.0.linear2"}
+    assert records[attn]["realized"] == "1:8" and records[attn]["kept"] == 32 * 16 // 8
+    assert records["layers.0.linear2"] == dict(
+        layer="layers.0.linear2", key="ff", role="ff", target="1:4", realized="1:4", kept=16 * 32 // 4, total=16 * 32
+    )
+    with torch.no_grad():
+        model.layers[0].linear1.weight.fill_(1.0)
+    with pytest.raises(nmflow.NmflowError, match=r"layers\.0\.linear1 should be 1:4"):
+        sp.verify()

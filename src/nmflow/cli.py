@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from nmflow.errors import ConfigError, NmflowError
 from nmflow.masks import NMPattern
+from nmflow.recipes import ROLES
 
 __all__ = ["main"]
 
@@ -50,7 +51,7 @@ def _fail(err: Exception, status: int) -> int:
 
 # ----------------------------------------------------------------------------- nmflow train
 def _add_train_command(commands: Any) -> None:
-    from nmflow.train import TrainConfig
+    from nmflow.train import RECIPE_OPTIONS, TrainConfig
 
     command = commands.add_parser(
         "train",
@@ -60,27 +61,31 @@ def _add_train_command(commands: Any) -> None:
         argument_default=argparse.SUPPRESS,  # only the flags given reach the config, over the file's values
     )
     command.add_argument("--config", metavar="FILE", help="YAML file with the keys of these flags, underscored")
+    default_sparsity = " ".join(f"{role}={pattern}" for role, pattern in TrainConfig().sparsity.items())
     command.add_argument(
         "--sparsity",
         action="append",
         type=_role_pattern,
         metavar="ROLE=N:M",
-        help="target pattern of a role (ff, q, k, v, qk, qkv, attn_out, re:<regex>); repeat for several roles; "
-        "any given replaces the default ff=1:16",
+        help=f"target pattern of a role ({', '.join(ROLES)}, re:<regex> on module names); repeat for several "
+        f"roles; any given replaces the default {default_sparsity}",
     )
+    recipe_group = command.add_argument_group("recipe options", "passed on to nmflow.Recipe, with its defaults")
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         if f.name == "sparsity" or not f.metadata.get("cli", True):
             continue
+        group = recipe_group if f.name in RECIPE_OPTIONS else command
         flag, kind = "--" + f.name.replace("_", "-"), _scalar_type(hints[f.name])
-        default = "" if f.default in (MISSING, None, False) else f" (default: {f.default})"
+        help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
         if kind is bool:
-            command.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            metavar = f.name.upper() if f.metadata.get("choices") is None else None
-            command.add_argument(
-                flag, type=kind, choices=f.metadata.get("choices"), metavar=metavar, help=f.metadata["help"] + default
-            )
+            group.add_argument(flag, action="store_true", help=help_text)
+            continue
+        if f.default not in (MISSING, None):
+            help_text += f" (default: {f.default})"
+        group.add_argument(
+            flag, type=kind, choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"), help=help_text
+        )
     command.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
     command.set_defaults(run=_run_train)
 
@@ -100,7 +105,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _role_pattern(text: str) -> tuple[str, str]:
     """``"ff=1:16"`` -> ``("ff", "1:16")``; the role itself is checked by the recipe."""
-    role, sep, pattern = text.partition("=")
+    role, sep, pattern = text.rpartition("=")  # a regex role may hold "=", a pattern never does
     if not sep or not role.strip():
         raise argparse.ArgumentTypeError(f"{text!r} is not ROLE=N:M, e.g. ff=1:16")
     try:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DigitsSplits", "batch_indices", "load_digits_splits"]
+__all__ = ["DigitsSplits", "Split", "batch_indices", "load_digits_splits"]
 
 PIXEL_MAX = 16.0  # load_digits pixels are counts 0..16 (4x4 blocks of a 32x32 bitmap)
 

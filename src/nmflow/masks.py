@@ -21,8 +21,10 @@ from nmflow.errors import ConfigError, NonFiniteWeightError
 
 __all__ = ["NMPattern", "is_nm", "nm_mask", "realized_n"]
 
-# Up to this many argmax/argmin passes, iterative selection beats one stable sort (measured on CPU).
-_MAX_SELECTION_PASSES = 3
+# Where each selection method is fastest (measured on CPU; see docs/benchmarks.md).
+_MAX_PAIRWISE_GROUP = 8
+_MAX_ITERATIVE_PICKS = 4
+_MIN_THRESHOLD_GROUP = 64
 
 
 @dataclass(frozen=True, order=True)
@@ -53,7 +55,8 @@ class NMPattern:
             match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", value)
             if match:
                 return cls(int(match.group(1)), int(match.group(2)))
-        raise ConfigError(f"malformed N:M pattern {value!r}: expected 'N:M' with whole numbers, e.g. '1:16'")
+        hint = " (YAML 1.1 reads an unquoted 1:16 as the number 76: quote it)" if isinstance(value, int) else ""
+        raise ConfigError(f"malformed N:M pattern {value!r}: expected 'N:M' with whole numbers, e.g. '1:16'{hint}")
 
     @property
     def density(self) -> float:
@@ -87,7 +90,7 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, dim: int = 1) -> torch.Tensor:
             f"(weight shape {tuple(weight.shape)}); groups may not straddle rows"
         )
     with torch.no_grad():
-        if not torch.isfinite(weight).all():
+        if not torch.isfinite(weight.sum()) and not torch.isfinite(weight).all():  # the sum alone is cheaper
             raise NonFiniteWeightError(f"nm_mask: the weight of shape {tuple(weight.shape)} holds NaN or inf")
         return compute_mask(weight, pattern, dim)
 
@@ -107,23 +110,50 @@ def compute_mask(weight: torch.Tensor, pattern: NMPattern, dim: int) -> torch.Te
 
 
 def _select_top_n(groups: torch.Tensor, n: int) -> torch.Tensor:
-    """Top-n of the last dimension, lowest index first among equals (argmax/argmin are documented so)."""
+    """Top-n of the last dimension, lower index first among equals.
+
+    Every branch gives the same mask; each is the fastest measured on CPU for its case (docs/benchmarks.md).
+    max/min are documented to return the first extreme index, and the sort is stable.
+    """
     m = groups.shape[-1]
-    if min(n, m - n) > _MAX_SELECTION_PASSES:
-        order = groups.sort(dim=-1, descending=True, stable=True).indices
-        return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[..., :n], True)
-    if n <= m - n:  # pick the n largest, one pass each
+    if n == 1:
+        return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.max(-1, keepdim=True).indices, True)
+    if m <= _MAX_PAIRWISE_GROUP:
+        return _select_by_rank(groups, n)
+    if n == m - 1:  # drop the smallest; flipped, so that the highest index goes first among equals
+        dropped = groups.flip(-1).min(-1, keepdim=True).indices
+        return torch.ones_like(groups, dtype=torch.bool).scatter_(-1, m - 1 - dropped, False)
+    if n <= _MAX_ITERATIVE_PICKS and 8 * n <= m:  # a few max() passes
         kept = torch.zeros_like(groups, dtype=torch.bool)
         for _ in range(n):
-            candidates = groups.masked_fill(kept, -1.0) if n > 1 else groups
-            kept.scatter_(-1, candidates.argmax(-1, keepdim=True), True)
+            kept.scatter_(-1, groups.masked_fill(kept, -1.0).max(-1, keepdim=True).indices, True)
         return kept
-    # drop the m - n smallest, one pass each; flipped so the *highest* index goes first among equals
-    flipped = groups.flip(-1)
-    dropped = torch.zeros_like(flipped, dtype=torch.bool)
-    for _ in range(m - n):
-        dropped.scatter_(-1, flipped.masked_fill(dropped, float("inf")).argmin(-1, keepdim=True), True)
-    return ~dropped.flip(-1)
+    if m >= _MIN_THRESHOLD_GROUP:
+        return _select_by_threshold(groups, n)
+    order = groups.sort(dim=-1, descending=True, stable=True).indices
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[..., :n], True)
+
+
+def _select_by_rank(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """Small groups: rank each weight by how many others beat it (ties go to the lower index); keep rank < n."""
+    columns = groups.unbind(-1)
+    rank = torch.zeros_like(groups, dtype=torch.uint8)
+    ranks = rank.unbind(-1)  # views into `rank`
+    for i in range(len(columns)):
+        for j in range(i + 1, len(columns)):
+            i_wins = columns[i] >= columns[j]
+            ranks[j].add_(i_wins)
+            ranks[i].add_(~i_wins)
+    return rank < n
+
+
+def _select_by_threshold(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """Large groups: keep what beats the n-th largest value, then fill up with its ties in index order."""
+    threshold = groups.topk(n, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    above = groups > threshold
+    ties = groups == threshold
+    room = n - above.sum(-1, keepdim=True)
+    return above | (ties & (ties.cumsum(-1) <= room))
 
 
 def realized_n(weight: torch.Tensor, m: int, dim: int = 1) -> int:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from nmflow.masks import NMPattern, compute_mask
-from nmflow.targets import Segment
+from nmflow.targets import Target
 
 __all__ = ["GradientRule", "NMParametrization"]
 
@@ -59,21 +59,13 @@ class NMParametrization(nn.Module):
     plain attributes and non-persistent buffers, so the model's ``state_dict`` is unchanged.
     """
 
-    def __init__(
-        self,
-        segments: tuple[Segment, ...],
-        in_dim: int,
-        out_dim: int,
-        shape: torch.Size,
-        rule: GradientRule,
-        srste_lambda: float,
-    ) -> None:
+    def __init__(self, target: Target, rule: GradientRule, srste_lambda: float) -> None:
         super().__init__()
-        self.segments = segments
-        self.in_dim, self.out_dim = in_dim, out_dim
+        self.segments = target.segments
+        self.in_dim, self.out_dim = target.in_dim, target.out_dim
         self.rule, self.srste_lambda = rule, srste_lambda
-        self._covers_all = len(segments) == 1 and segments[0].start == 0 and segments[0].stop == shape[out_dim]
-        self.patterns: tuple[NMPattern | None, ...] = (None,) * len(segments)  # None: dense
+        self._covers_all = target.fully_covered
+        self.patterns: tuple[NMPattern | None, ...] = (None,) * len(self.segments)  # None: dense
         self.decaying = False  # True: D in (0, 1) applies to pruned weights; False: binary
         self.register_buffer("decay", torch.ones(()), persistent=False)
         self.register_buffer("fixed_mask", None, persistent=False)

@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from nmflow.errors import ConfigError, FinalizedError, NonFiniteWeightError
-from nmflow.masks import NMPattern
+from nmflow.errors import ConfigError, FinalizedError, NmflowError, NonFiniteWeightError
+from nmflow.masks import NMPattern, realized_n
 from nmflow.parametrization import GradientRule, NMParametrization
 from nmflow.recipes import Recipe
 from nmflow.schedules import Phase
-from nmflow.targets import Target, resolve_targets
+from nmflow.targets import Segment, Target, resolve_targets
 
 __all__ = ["Sparsifier", "SparsityStatus", "sparsify"]
 
@@ -42,7 +42,8 @@ class SparsityStatus:
     step: int
     phase: Phase
     decay: float | None  # D applied to pruned weights; None when masks are binary or absent
-    patterns: dict[str, str]  # "layer[role]" -> "N:M" or "dense"
+    patterns: dict[str, str]  # "layer" or "layer[role]" -> "N:M" or "dense"
+    by_key: dict[str, str]  # recipe key -> its current pattern(s), e.g. {"ff": "1:16"}; distinct ones comma-joined
 
 
 def sparsify(model: nn.Module, recipe: Recipe, total_steps: int, *, verbose: bool = True) -> Sparsifier:
@@ -127,12 +128,46 @@ class Sparsifier:
     def status(self) -> SparsityStatus:
         step = self._step
         phase = self.plan.phase(step) if self.masks_applied else Phase.DENSE
-        patterns = {}
+        patterns: dict[str, str] = {}
+        by_key: dict[str, list[str]] = {}
         for t in self.targets:
             for seg, pattern in zip(t.segments, self._patterns_at(t, step)):
-                label = t.qualified_name if len(t.segments) == 1 else f"{t.qualified_name}[{seg.role}]"
-                patterns[label] = "dense" if pattern is None else str(pattern)
-        return SparsityStatus(step, phase, self._decay_at(step), patterns)
+                text = "dense" if pattern is None else str(pattern)
+                patterns[_label(t, seg)] = text
+                if text not in by_key.setdefault(seg.key, []):
+                    by_key[seg.key].append(text)
+        joined = {key: ",".join(texts) for key, texts in by_key.items()}
+        return SparsityStatus(step, phase, self._decay_at(step), patterns, joined)
+
+    def verify(self) -> list[dict]:
+        """After `finalize`: check that every sparsified tensor holds exactly its target N:M.
+
+        Returns one record per segment (layer, key, role, target, realized pattern, weights kept and total);
+        raises `NmflowError` naming the layer if any group holds more than N non-zeros.
+        """
+        if not self._finalized:
+            raise NmflowError("verify() checks the finalized weights; call finalize() first")
+        records = []
+        for t in self.targets if self.masks_applied else ():
+            weight = getattr(t.module, t.param_name).detach()
+            for seg in t.segments:
+                block = weight.narrow(t.out_dim, seg.start, seg.stop - seg.start)
+                realized = realized_n(block, seg.target.m, t.in_dim)
+                if realized > seg.target.n:
+                    raise NmflowError(f"{_label(t, seg)} should be {seg.target} but a group holds {realized} non-zeros")
+                kept, total = int(block.count_nonzero()), block.numel()
+                records.append(
+                    dict(
+                        layer=_label(t, seg),
+                        key=seg.key,
+                        role=seg.role,
+                        target=str(seg.target),
+                        realized=f"{realized}:{seg.target.m}",
+                        kept=kept,
+                        total=total,
+                    )
+                )
+        return records
 
     # ----------------------------------------------------------------- lifecycle
     def step(self) -> None:
@@ -225,8 +260,7 @@ class Sparsifier:
         if not self.masks_applied:
             return
         for t in self.targets:
-            shape = getattr(t.module, t.param_name).shape
-            param = NMParametrization(t.segments, t.in_dim, t.out_dim, shape, self._rule, self.recipe.srste_lambda)
+            param = NMParametrization(t, self._rule, self.recipe.srste_lambda)
             param.to(getattr(t.module, t.param_name).device)
             parametrize.register_parametrization(t.module, t.param_name, param)
             self._hooks.append(t.module.register_state_dict_post_hook(_keep_key(t.param_name)))
@@ -250,7 +284,11 @@ class Sparsifier:
         if not tensors:
             return
         with torch.no_grad():
-            finite = torch.stack([torch.isfinite(w).all() for w in tensors]).cpu()
+            # A finite sum proves every weight finite, at the cost of one reduction; only a non-finite sum
+            # (a NaN/inf, or an overflow of large but finite weights) needs the exact check.
+            finite = torch.stack([w.sum() for w in tensors]).isfinite().cpu()
+            if not finite.all():
+                finite = torch.stack([torch.isfinite(w).all() for w in tensors]).cpu()
         if not finite.all():
             bad = [t.qualified_name for t, ok in zip(self.targets, finite.tolist()) if not ok]
             raise NonFiniteWeightError(f"NaN or inf in the weights of {', '.join(bad)}; no mask can be computed")
@@ -303,6 +341,11 @@ class Sparsifier:
     def __repr__(self) -> str:
         method, targets = self.recipe.method, len(self.targets)
         return f"Sparsifier(method={method!r}, step={self._step}/{self.total_steps}, targets={targets})"
+
+
+def _label(target: Target, segment: Segment) -> str:
+    """How reports name a segment: the tensor, plus the role when the tensor is packed (GPT-2 c_attn[qk])."""
+    return target.qualified_name if target.fully_covered else f"{target.qualified_name}[{segment.role}]"
 
 
 def _keep_key(param_name: str):

@@ -50,7 +50,7 @@ class Segment:
     """Output rows/columns ``[start, stop)`` of one tensor, sparsified under one recipe key."""
 
     key: str  # the recipe key that claimed it: "ff", "qk", "re:..."
-    role: str  # what it is: "ff", "q", ..., or "-" when reached by regex
+    role: str  # what it is: "ff", "q", ..., or "-" for a layer of no known role (reached by regex)
     start: int
     stop: int
     target: NMPattern
@@ -66,7 +66,13 @@ class Target:
     param_name: str
     in_dim: int  # groups of M run along this dimension
     out_dim: int  # packed Q/K/V blocks split along this one
+    out_size: int  # size of out_dim
     segments: tuple[Segment, ...]
+
+    @property
+    def fully_covered(self) -> bool:
+        """One segment over the whole tensor (the common case, and the fast path of the mask)."""
+        return len(self.segments) == 1 and self.segments[0].start == 0 and self.segments[0].stop == self.out_size
 
     @property
     def qualified_name(self) -> str:
@@ -198,7 +204,15 @@ def resolve_targets(model: nn.Module, recipe: Recipe) -> list[Target]:
             segments.append(Segment(key, role, b * block, (b + 1) * block, target, sequence))
         if segments:
             targets.append(
-                Target(slot.name, slot.module, slot.param_name, slot.in_dim, slot.out_dim, _merged(segments))
+                Target(
+                    slot.name,
+                    slot.module,
+                    slot.param_name,
+                    slot.in_dim,
+                    slot.out_dim,
+                    tensor.shape[slot.out_dim],
+                    _merged(segments),
+                )
             )
     if indivisible:
         listing = "\n  ".join(indivisible)

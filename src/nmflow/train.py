@@ -1,15 +1,20 @@
 """`nmflow train`: train a small ViT on the bundled digits under an N:M recipe, verify the pattern, save the model.
 
-    nmflow train                                          # mdgf-exp, ff=1:16, on CPU, about a minute
+    nmflow train                                          # mdgf-exp, ff=1:16, 1000 steps: ~35 s on one core
     nmflow train --method srste --sparsity ff=1:16 --sparsity qk=1:8 --steps 2000
     nmflow train --config run.yaml --seed 3               # flags override the file
 
 From Python: ``summary = train(TrainConfig(method="ste", steps=300))``.
 
-A run writes into its output folder: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON
-object per logged step or evaluation), ``summary.json``, and the finalized model as ``model.safetensors``
-+ ``config.json`` (``ViTForImageClassification.from_pretrained(folder)`` loads it back).
-Validation accuracy is measured during training; the test split is evaluated once, at the end.
+A run writes into its output folder:
+
+* ``config.yaml``: the resolved config; ``--config`` takes it back.
+* ``metrics.jsonl``: one JSON object per line. Training lines hold ``step`` (optimizer steps done, from 1),
+  ``loss``, ``lr``, and the ``phase``, ``D`` and ``patterns`` (per recipe key) that step's forward pass used.
+  Evaluation lines hold ``step``, ``val_loss`` and ``val_accuracy``; the last one, marked ``finalized``,
+  evaluates the finalized model.
+* ``summary.json``: what the run prints at the end. The test split is evaluated there, once.
+* ``model.safetensors`` + ``config.json``: the finalized model, for ``ViTForImageClassification.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ from torch import nn
 from nmflow import __version__
 from nmflow.data import Split, batch_indices, load_digits_splits
 from nmflow.errors import ConfigError
-from nmflow.masks import is_nm, realized_n
 from nmflow.recipes import METHODS, Recipe
 from nmflow.sparsifier import Sparsifier, sparsify
 
@@ -64,33 +68,47 @@ def _option(default: Any, help: str, **metadata: Any) -> Any:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a run depends on. Validated on construction; the keys of config files and of ``summary.json``."""
+    """Everything a run depends on, validated on construction. The fields are the keys of config files."""
 
     method: str = _option("mdgf-exp", "training method", choices=METHODS)
     sparsity: dict[str, str] = _option({"ff": "1:16"}, "target pattern per role, e.g. {'ff': '1:16', 'qk': '1:8'}")
-    steps: int = _option(1000, "optimizer steps")
-    seed: int = _option(0, "seed of the model initialization and of the batch order")
-    data_seed: int = _option(0, "seed of the train/validation/test split, independent of --seed")
-    out: str | None = _option(None, "output folder (default: runs/<method>-<date>-<time>)")
+    steps: int = _option(1000, "optimizer steps", metavar="N")
+    seed: int = _option(0, "seed of the model initialization and of the batch order", metavar="N")
+    data_seed: int = _option(
+        0, "seed of the train/validation/test split, independent of the training seed", metavar="N"
+    )
+    out: str | None = _option(None, "output folder (default: runs/<method>-<date>-<time>)", metavar="DIR")
     device: str = _option("cpu", "torch device, e.g. cpu or cuda")
-    threads: int = _option(1, "CPU threads of torch; this model is too small to gain from more, and busy cores slow it")
-    batch_size: int = _option(64, "training batch size")
+    threads: int = _option(1, "CPU threads of torch: this model is too small to gain from more", metavar="N")
+    batch_size: int = _option(64, "training batch size", metavar="N")
     lr: float = _option(1e-3, "peak learning rate of AdamW")
-    warmup_fraction: float = _option(0.05, "fraction of the steps spent warming the learning rate up linearly")
-    weight_decay: float = _option(0.05, "AdamW weight decay of matrices and embeddings (biases and norms get none)")
-    grad_clip: float = _option(1.0, "clip the gradient norm to this value (0: no clipping)")
-    eval_every: int = _option(100, "evaluate on the validation split every this many steps")
-    log_every: int = _option(10, "write a metrics line every this many steps")
-    # The recipe's options; None leaves nmflow.Recipe's default.
-    dense_fraction: float | None = _option(None, "fraction of the steps trained dense first (recipe default 5%%)")
-    dense_steps: int | None = _option(None, "length of the dense phase in steps, instead of --dense-fraction")
-    finetune_fraction: float | None = _option(None, "fraction of the steps fine-tuned at the target (default 15%%)")
-    finetune_steps: int | None = _option(None, "length of the fine-tuning phase, instead of --finetune-fraction")
-    beta: float | None = _option(None, "MDGF decay rate per step (default: set by --decay-end-fraction)")
-    decay_end_fraction: float | None = _option(None, "MDGF: fraction of the steps where the decay ends (default 0.7)")
-    decay_end_value: float | None = _option(None, "MDGF-exp: D at the end of the decay (default 0.01)")
-    srste_lambda: float | None = _option(None, "SR-STE decay of pruned weights (default 2e-4)")
-    geometric_k: int | None = _option(None, "SDGF-geometric first block multiplier, a power of two (default 16)")
+    warmup_fraction: float = _option(0.05, "fraction of the steps that warm the learning rate up linearly", metavar="F")
+    weight_decay: float = _option(
+        0.05, "AdamW weight decay of matrices and embeddings, not biases or norms", metavar="X"
+    )
+    grad_clip: float = _option(1.0, "clip the gradient norm to this value (0: no clipping)", metavar="X")
+    eval_every: int = _option(100, "evaluate on the validation split every N steps", metavar="N")
+    log_every: int = _option(10, "write a metrics line every N steps", metavar="N")
+    # The recipe's options, passed on to nmflow.Recipe; None keeps the recipe's default.
+    dense_fraction: float | None = _option(None, "fraction of the steps trained dense first (default: 5%)", metavar="F")
+    dense_steps: int | None = _option(None, "length of the dense phase in steps, instead of a fraction", metavar="N")
+    finetune_fraction: float | None = _option(
+        None, "fraction of the steps fine-tuned at the target (default: 15%)", metavar="F"
+    )
+    finetune_steps: int | None = _option(
+        None, "length of the fine-tuning phase in steps, instead of a fraction", metavar="N"
+    )
+    beta: float | None = _option(
+        None, "MDGF decay rate per step (default: the one that ends the decay on time)", metavar="X"
+    )
+    decay_end_fraction: float | None = _option(
+        None, "MDGF: fraction of the steps where the decay ends (default: 0.7)", metavar="F"
+    )
+    decay_end_value: float | None = _option(None, "MDGF-exp: D at the end of the decay (default: 0.01)", metavar="X")
+    srste_lambda: float | None = _option(None, "SR-STE decay of the pruned weights (default: 2e-4)", metavar="X")
+    geometric_k: int | None = _option(
+        None, "SDGF-geometric first block multiplier, a power of two (default: 16)", metavar="K"
+    )
     patterns: str | list[str] | dict[str, list[str]] | None = _option(
         None, "pattern walk: 'stepwise', 'geometric', a list of 'N:M' or a mapping role -> list", cli=False
     )
@@ -257,13 +275,13 @@ def train(config: TrainConfig, *, overwrite: bool = False, verbose: bool = True)
         sp = sparsify(model, recipe, total_steps=config.steps, verbose=verbose)  # checks the recipe fits the model
         optimizer = _optimizer(model, config)
         batches = batch_indices(len(train_split), config.batch_size, torch.Generator().manual_seed(config.seed))
-        segment_keys = _segment_keys(sp)
 
         out.mkdir(parents=True, exist_ok=True)
         _write_yaml(out / "config.yaml", config.resolved(out))
         model.train()
+        progress = _progress_bar(config.steps, verbose)
         with open(out / "metrics.jsonl", "w") as metrics:
-            for step in _progress_bar(config.steps, verbose):
+            for step in progress:
                 status = sp.status()  # the phase, D and patterns of this step's forward pass
                 lr = learning_rate(step, config)
                 for group in optimizer.param_groups:
@@ -280,49 +298,49 @@ def train(config: TrainConfig, *, overwrite: bool = False, verbose: bool = True)
 
                 done = step + 1
                 if done % config.log_every == 0 or done == config.steps:
-                    patterns = _patterns_by_key(status.patterns, segment_keys)
                     line = {"step": done, "loss": loss.item(), "lr": lr, "phase": str(status.phase), "D": status.decay}
-                    _write_line(metrics, {**line, "patterns": patterns})
+                    _write_line(metrics, {**line, "patterns": status.by_key})
+                    progress.set_postfix(loss=f"{line['loss']:.3f}", phase=line["phase"], refresh=False)
                 if done % config.eval_every == 0 and done < config.steps:
                     val_loss, val_accuracy = evaluate(model, val_split)
                     _write_line(metrics, {"step": done, "val_loss": val_loss, "val_accuracy": val_accuracy})
 
             sp.finalize()  # exact N:M zeros in the weights; plain modules from here on
+            layers = sp.verify()  # raises if any group holds more than N non-zeros
             val_loss, val_accuracy = evaluate(model, val_split)
             final = {"step": config.steps, "finalized": True, "val_loss": val_loss, "val_accuracy": val_accuracy}
             _write_line(metrics, final)
         test_loss, test_accuracy = evaluate(model, data.test.to(device))  # the only look at the test split
-        layers = verify_patterns(sp)
         with _quiet_transformers_progress():
             model.save_pretrained(out)
 
-        summary = {
-            "method": config.method,
-            "sparsity": recipe.to_dict()["sparsity"],
-            "steps": config.steps,
-            "seed": config.seed,
-            "data_seed": config.data_seed,
-            "phases": _phases(sp),
-            "beta": recipe.resolved_beta(config.steps),
-            "test_accuracy": test_accuracy,
-            "test_loss": test_loss,
-            "test_examples": len(data.test),
-            "val_accuracy": val_accuracy,
-            "val_loss": val_loss,
-            "layers": layers,
-            "sparsified_weights": {"kept": sum(r["kept"] for r in layers), "total": sum(r["total"] for r in layers)},
-            "model_parameters": {
-                "nonzero": sum(int(p.count_nonzero()) for p in model.parameters()),
-                "total": sum(p.numel() for p in model.parameters()),
-            },
-            "wall_time_s": round(time.perf_counter() - started, 1),
-            "out": str(out),
-            "nmflow_version": __version__,
-        }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if verbose:
-            print(format_summary(summary))
-        return summary
+    summary = {
+        "method": config.method,
+        "sparsity": recipe.to_dict()["sparsity"],
+        "steps": config.steps,
+        "seed": config.seed,
+        "data_seed": config.data_seed,
+        "phases": _phases(sp),
+        "beta": recipe.resolved_beta(config.steps),
+        "test_accuracy": test_accuracy,
+        "test_loss": test_loss,
+        "test_examples": len(data.test),
+        "val_accuracy": val_accuracy,
+        "val_loss": val_loss,
+        "layers": layers,
+        "sparsified_weights": {"kept": sum(r["kept"] for r in layers), "total": sum(r["total"] for r in layers)},
+        "model_parameters": {
+            "nonzero": sum(int(p.count_nonzero()) for p in model.parameters()),
+            "total": sum(p.numel() for p in model.parameters()),
+        },
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "out": str(out),
+        "nmflow_version": __version__,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if verbose:
+        print(format_summary(summary))
+    return summary
 
 
 @torch.no_grad()
@@ -337,38 +355,6 @@ def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
         correct += int((logits.argmax(-1) == labels).sum())
     model.train()
     return loss_sum / len(split), correct / len(split)
-
-
-def verify_patterns(sp: Sparsifier) -> list[dict[str, Any]]:
-    """After `finalize`: check that every sparsified weight holds its target N:M, and report what it holds.
-
-    One record per segment (a packed QKV tensor has one per role claimed). Empty for the dense method.
-    """
-    records = []
-    if not sp.masks_applied:
-        return records
-    for target in sp.targets:
-        weight = getattr(target.module, target.param_name).detach()
-        for seg in target.segments:
-            block = weight.narrow(target.out_dim, seg.start, seg.stop - seg.start)
-            n, m = seg.target.n, seg.target.m
-            realized = realized_n(block, m, target.in_dim)
-            if not is_nm(block, n, m, target.in_dim):
-                raise RuntimeError(
-                    f"{target.qualified_name} ({seg.role}) should be {seg.target} after finalize, "
-                    f"but a group of {m} holds {realized} non-zeros"
-                )
-            records.append(
-                {
-                    "layer": target.qualified_name,
-                    "role": seg.role,
-                    "target": str(seg.target),
-                    "realized": f"{realized}:{m}",
-                    "kept": int(block.count_nonzero()),
-                    "total": block.numel(),
-                }
-            )
-    return records
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
@@ -429,26 +415,6 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=config.lr)
-
-
-def _segment_keys(sp: Sparsifier) -> dict[str, str]:
-    """Label of each segment in `SparsityStatus.patterns` -> the recipe key that claimed it."""
-    keys = {}
-    for target in sp.targets:
-        for seg in target.segments:
-            single = len(target.segments) == 1
-            keys[target.qualified_name if single else f"{target.qualified_name}[{seg.role}]"] = seg.key
-    return keys
-
-
-def _patterns_by_key(patterns: Mapping[str, str], segment_keys: Mapping[str, str]) -> dict[str, str]:
-    """The distinct current patterns of each recipe key, e.g. ``{"ff": "1:16"}``; several are comma-joined."""
-    by_key: dict[str, list[str]] = {}
-    for label, pattern in patterns.items():
-        distinct = by_key.setdefault(segment_keys[label], [])
-        if pattern not in distinct:
-            distinct.append(pattern)
-    return {key: ",".join(distinct) for key, distinct in by_key.items()}
 
 
 def _phases(sp: Sparsifier) -> dict[str, list[int]]:
