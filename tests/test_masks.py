@@ -17,7 +17,7 @@ def weights_and_patterns(draw):
     groups = draw(st.integers(1, 4))
     rows = draw(st.integers(1, 5))
     layout = draw(st.sampled_from(["linear", "conv1d", "conv2d"]))
-    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
     # few distinct values, zeros and negatives, so ties are common
     values = st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, -2.0, 3.25]) | st.floats(-4, 4, width=16)
     shape, dim = {"linear": ((rows, groups * m), 1), "conv1d": ((groups * m, rows), 0)}.get(

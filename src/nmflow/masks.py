@@ -25,6 +25,7 @@ __all__ = ["NMPattern", "is_nm", "nm_mask", "realized_n"]
 _MAX_PAIRWISE_GROUP = 8
 _MAX_ITERATIVE_PICKS = 4
 _MIN_THRESHOLD_GROUP = 64
+_SAME_ORDER_INTS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
 @dataclass(frozen=True, order=True)
@@ -101,6 +102,8 @@ def compute_mask(weight: torch.Tensor, pattern: NMPattern, dim: int) -> torch.Te
     if pattern.is_dense:
         return torch.ones_like(weight, dtype=torch.bool)
     magnitude = weight.abs()
+    if magnitude.dtype in _SAME_ORDER_INTS:  # non-negative floats order as their bits: integer compares are cheaper
+        magnitude = magnitude.view(_SAME_ORDER_INTS[magnitude.dtype])
     moved = magnitude.movedim(dim, -1)
     if dim % weight.dim() != weight.dim() - 1:
         moved = moved.contiguous()  # reductions over a middle dimension are several times slower
@@ -113,20 +116,20 @@ def _select_top_n(groups: torch.Tensor, n: int) -> torch.Tensor:
     """Top-n of the last dimension, lower index first among equals.
 
     Every branch gives the same mask; each is the fastest measured on CPU for its case (docs/benchmarks.md).
-    max/min are documented to return the first extreme index, and the sort is stable.
+    argmax/min are documented to return the first extreme index, and the sort is stable.
     """
     m = groups.shape[-1]
     if n == 1:
-        return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.max(-1, keepdim=True).indices, True)
+        return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.argmax(-1, keepdim=True), True)
     if m <= _MAX_PAIRWISE_GROUP:
         return _select_by_rank(groups, n)
     if n == m - 1:  # drop the smallest; flipped, so that the highest index goes first among equals
         dropped = groups.flip(-1).min(-1, keepdim=True).indices
         return torch.ones_like(groups, dtype=torch.bool).scatter_(-1, m - 1 - dropped, False)
-    if n <= _MAX_ITERATIVE_PICKS and 8 * n <= m:  # a few max() passes
+    if n <= _MAX_ITERATIVE_PICKS and 8 * n <= m:  # a few argmax passes
         kept = torch.zeros_like(groups, dtype=torch.bool)
         for _ in range(n):
-            kept.scatter_(-1, groups.masked_fill(kept, -1.0).max(-1, keepdim=True).indices, True)
+            kept.scatter_(-1, groups.masked_fill(kept, -1).argmax(-1, keepdim=True), True)
         return kept
     if m >= _MIN_THRESHOLD_GROUP:
         return _select_by_threshold(groups, n)
