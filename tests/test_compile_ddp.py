@@ -22,15 +22,6 @@ IMAGE_SHAPE = (4, 3, 8, 8)
 CLASSES = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine their spinning costs seconds per test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def image_batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(*IMAGE_SHAPE, generator=gen), torch.randint(0, CLASSES, (IMAGE_SHAPE[0],), generator=gen)
 
