@@ -58,7 +58,7 @@ def sparsify(model: nn.Module, recipe: Recipe, total_steps: int, *, verbose: boo
     recipe.resolved_beta(total_steps)  # raises if the decay cannot end after the dense phase
     targets = resolve_targets(model, recipe)
     sparsifier = Sparsifier(model, recipe, total_steps, targets)
-    if plan.phase(0) is not Phase.DENSE:
+    if sparsifier.masks_applied and plan.phase(0) is not Phase.DENSE:  # the first forward computes masks
         sparsifier._check_finite()
     sparsifier._attach()
     if verbose:
