@@ -191,3 +191,13 @@ def test_verify_reports_each_segment_and_catches_a_broken_pattern():
         model.layers[0].linear1.weight.fill_(1.0)
     with pytest.raises(nmflow.NmflowError, match=r"layers\.0\.linear1 should be 1:4"):
         sp.verify()
+
+
+def test_finalize_writes_positive_zeros():
+    model = nn.Sequential(OrderedDict(fc=nn.Linear(8, 4)))
+    with torch.no_grad():
+        model.fc.weight.fill_(-1.0)
+    sp = nmflow.sparsify(model, nmflow.Recipe("ste", {"re:fc": "1:4"}, dense_steps=0), total_steps=2, verbose=False)
+    sp.finalize()
+    pruned = model.fc.weight[model.fc.weight == 0]
+    assert pruned.numel() == 24 and not torch.signbit(pruned).any()

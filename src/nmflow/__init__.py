@@ -1,5 +1,6 @@
 """nmflow: N:M structured-sparse training with progressive gradient flow (arXiv 2402.04744)."""
 
+from nmflow.compressed import load_compressed, save_compressed
 from nmflow.errors import ConfigError, FinalizedError, NmflowError, NoMatchingTargetError, NonFiniteWeightError
 from nmflow.masks import NMPattern, is_nm, nm_mask, realized_n
 from nmflow.recipes import METHODS, ROLES, Recipe
@@ -23,7 +24,9 @@ __all__ = [
     "SparsityStatus",
     "__version__",
     "is_nm",
+    "load_compressed",
     "nm_mask",
     "realized_n",
+    "save_compressed",
     "sparsify",
 ]

@@ -189,7 +189,7 @@ class Sparsifier:
                 masks = [self._final_mask(t) for t in self.targets]
                 for t, mask in zip(self.targets, masks):
                     parametrize.remove_parametrizations(t.module, t.param_name, leave_parametrized=False)
-                    getattr(t.module, t.param_name).mul_(mask)
+                    getattr(t.module, t.param_name).masked_fill_(~mask, 0.0)  # +0.0, not the -0.0 of w * 0
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()

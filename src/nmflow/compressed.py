@@ -1,0 +1,306 @@
+"""A lossless compressed checkpoint for N:M-sparse weights: kept values plus bit-packed in-group indices.
+
+Format (one safetensors file, version 1). The metadata entry ``"nmflow"`` holds a JSON header::
+
+    {"format": "nmflow-nm", "version": 1, "order": [every state_dict key, in order],
+     "tensors": {name: {"n", "m", "dim", "shape", "dtype", "index_bits", "zero_signs"}}}
+
+A tensor listed in ``"tensors"`` is stored as three parts (grouping along ``dim``, its input dimension):
+
+* ``<name>::nm.values``: exactly ``n`` values per group of ``m``, groups in row-major order of the tensor with
+  ``dim`` moved last, values in ascending in-group position, original dtype. A group with fewer than ``n``
+  non-zeros also keeps its lowest-index zeros, so every stored value is the original bit pattern.
+* ``<name>::nm.indices``: the in-group position of each kept value, ``index_bits = ceil(log2 m)`` bits each,
+  packed least significant bit first into uint8.
+* ``<name>::nm.zero_signs`` (only when ``zero_signs`` is true): one packed bit per dropped entry, set where it
+  was ``-0.0`` (``finalize()`` writes ``+0.0``, so its output needs none; a ``w * mask`` elsewhere may not).
+
+Every other tensor is stored as is under its own name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from nmflow.errors import ConfigError
+from nmflow.targets import _layout
+
+FORMAT = "nmflow-nm"
+VERSION = 1
+_VALUES, _INDICES, _SIGNS = "::nm.values", "::nm.indices", "::nm.zero_signs"
+_CANDIDATE_M = tuple(2**k for k in range(1, 12))  # 2 .. 2048
+_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in (torch.float64, torch.float32, torch.float16)}
+_DTYPES["bfloat16"] = torch.bfloat16
+_BIT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+
+
+# ------------------------------------------------------------------ bit packing
+def index_bits(m: int) -> int:
+    """Bits needed for an in-group position 0 .. m-1."""
+    return max(1, math.ceil(math.log2(m)))
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative integers below ``2**bits`` into uint8, ``bits`` each, least significant bit first."""
+    shifts = torch.arange(bits, dtype=torch.int32, device=values.device)
+    stream = ((values.reshape(-1, 1).to(torch.int32) >> shifts) & 1).to(torch.uint8).reshape(-1)
+    stream = torch.cat([stream, stream.new_zeros(-stream.numel() % 8)])
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=values.device)
+    return (stream.reshape(-1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: ``count`` integers (int64) of ``bits`` bits each."""
+    byte_shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    stream = ((packed.reshape(-1, 1) >> byte_shifts) & 1).reshape(-1)[: count * bits]
+    shifts = torch.arange(bits, dtype=torch.int64, device=packed.device)
+    return (stream.reshape(count, bits).to(torch.int64) << shifts).sum(-1)
+
+
+def _packed_bytes(count: int, bits: int) -> int:
+    return (count * bits + 7) // 8
+
+
+# ------------------------------------------------------------------ choosing a pattern
+def _groups(tensor: torch.Tensor, m: int, dim: int) -> torch.Tensor:
+    """[rows * groups, m] view of ``tensor`` with ``dim`` moved last and cut into groups of ``m``."""
+    return tensor.movedim(dim, -1).reshape(-1, m)
+
+
+def _negative_zeros(tensor: torch.Tensor) -> torch.Tensor:
+    as_int = tensor.view(_BIT_VIEW[tensor.element_size()])
+    return (tensor == 0) & (as_int != 0)
+
+
+def compressed_bytes(numel: int, n: int, m: int, itemsize: int, zero_signs: bool) -> int:
+    """Stored bytes of an N:M tensor in this format (values + packed indices + optional dropped-zero signs)."""
+    kept = numel // m * n
+    signs = _packed_bytes(numel - kept, 1) if zero_signs else 0
+    return kept * itemsize + _packed_bytes(kept, index_bits(m)) + signs
+
+
+def choose_pattern(tensor: torch.Tensor, dim: int) -> tuple[int, int] | None:
+    """The exact (N, M) with the fewest stored bytes, or None when storing ``tensor`` dense is no larger.
+
+    M ranges over the powers of two 2 .. 2048 that divide the input size; N is the realized largest
+    non-zero count per group, so the pattern is exact by construction. Signs of dropped ``-0.0`` entries are
+    costed whenever the tensor holds any ``-0.0`` (an upper bound: some may end up kept as padding).
+    """
+    if tensor.dtype not in _DTYPES.values() or tensor.dim() == 0 or tensor.numel() == 0:
+        return None
+    size, itemsize = tensor.shape[dim], tensor.element_size()
+    has_negative_zero = bool(_negative_zeros(tensor).any())
+    best, best_bytes = None, tensor.numel() * itemsize
+    nonzero = (tensor != 0).movedim(dim, -1)
+    for m in _CANDIDATE_M:
+        if m > size or size % m:
+            continue
+        n = max(1, int(nonzero.reshape(-1, m).sum(-1).max()))
+        cost = compressed_bytes(tensor.numel(), n, m, itemsize, has_negative_zero)
+        if cost < best_bytes:
+            best, best_bytes = (n, m), cost
+    return best
+
+
+# ------------------------------------------------------------------ encode / decode one tensor
+def _encode(tensor: torch.Tensor, n: int, m: int, dim: int) -> tuple[dict[str, torch.Tensor], dict]:
+    groups = _groups(tensor, m, dim)
+    # nonzeros first, then zeros, each by position (stable sort); keep the first n, back in position order
+    order = torch.sort((groups == 0).to(torch.uint8), dim=-1, stable=True).indices
+    kept_positions = order[:, :n].sort(dim=-1).values
+    parts = {
+        _VALUES: groups.gather(-1, kept_positions).reshape(-1).clone(),
+        _INDICES: pack_bits(kept_positions.reshape(-1), index_bits(m)),
+    }
+    dropped = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, kept_positions, False)
+    dropped_negative = _negative_zeros(groups)[dropped]
+    if bool(dropped_negative.any()):
+        parts[_SIGNS] = pack_bits(dropped_negative, 1)
+    header = {
+        "n": n,
+        "m": m,
+        "dim": dim,
+        "shape": list(tensor.shape),
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "index_bits": index_bits(m),
+        "zero_signs": _SIGNS in parts,
+    }
+    return parts, header
+
+
+def _decode(name: str, info: dict, parts: dict[str, torch.Tensor | None], where: str) -> torch.Tensor:
+    """Rebuild one tensor, checking every part against the header first."""
+
+    def bad(problem: str) -> ConfigError:
+        return ConfigError(f"{where}: tensor {name!r}: {problem}")
+
+    try:
+        n, m, dim, shape, dtype_name = info["n"], info["m"], info["dim"], info["shape"], info["dtype"]
+        bits, zero_signs = info["index_bits"], info["zero_signs"]
+    except (KeyError, TypeError) as exc:
+        raise bad(f"header entry is incomplete ({exc!r})") from None
+    if not (isinstance(shape, list) and shape and all(isinstance(s, int) and s >= 0 for s in shape)):
+        raise bad(f"header shape {shape!r} is not a list of sizes")
+    if not (isinstance(m, int) and isinstance(n, int) and m >= 2 and 1 <= n <= m):
+        raise bad(f"header pattern {n!r}:{m!r} is not a valid N:M")
+    if not (isinstance(dim, int) and 0 <= dim < len(shape) and shape[dim] % m == 0):
+        raise bad(f"header dim {dim!r} does not split shape {shape} into groups of {m}")
+    if dtype_name not in _DTYPES:
+        raise bad(f"header dtype {dtype_name!r} is not one of {sorted(_DTYPES)}")
+    if bits != index_bits(m) or not isinstance(zero_signs, bool):
+        raise bad(f"header index_bits {bits!r} / zero_signs {zero_signs!r} do not match {n}:{m}")
+    numel = math.prod(shape)
+    kept, dtype = numel // m * n, _DTYPES[dtype_name]
+    values, packed, signs = parts[_VALUES], parts[_INDICES], parts[_SIGNS]
+    if values is None or packed is None or (signs is None) == zero_signs:
+        raise bad("the stored parts do not match the header (a part is missing or unexpected)")
+    if values.dtype != dtype or values.shape != (kept,):
+        raise bad(f"values are {values.dtype} {tuple(values.shape)}, header says {dtype} ({kept},)")
+    if packed.dtype != torch.uint8 or packed.shape != (_packed_bytes(kept, bits),):
+        raise bad(f"index blob is {packed.dtype} {tuple(packed.shape)}, expected uint8 ({_packed_bytes(kept, bits)},)")
+    if signs is not None and (signs.dtype != torch.uint8 or signs.shape != (_packed_bytes(numel - kept, 1),)):
+        raise bad(
+            f"zero-sign blob is {signs.dtype} {tuple(signs.shape)}, expected uint8 ({_packed_bytes(numel - kept, 1)},)"
+        )
+    positions = unpack_bits(packed, bits, kept).reshape(-1, n)
+    if kept and (int(positions.max()) >= m or bool((positions.diff(dim=-1) <= 0).any())):
+        raise bad("index blob holds positions out of range or out of order (corrupted file)")
+
+    moved_shape = [*shape[:dim], *shape[dim + 1 :], shape[dim]]
+    groups = torch.zeros(numel // m, m, dtype=dtype)
+    if signs is not None:
+        dropped = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, positions, False)
+        negative = unpack_bits(signs, 1, numel - kept).bool()
+        groups[dropped] = torch.where(negative, -0.0, 0.0).to(dtype)
+    groups.scatter_(-1, positions, values.reshape(-1, n))
+    return groups.reshape(moved_shape).movedim(-1, dim).contiguous()
+
+
+# ------------------------------------------------------------------ public API
+def _model_layouts(model: nn.Module) -> dict[str, int]:
+    """State-dict key -> input dim for every weight whose module layout nmflow knows."""
+    layouts = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{name}." if name else ""
+        if isinstance(module, nn.MultiheadAttention):
+            for param in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                if getattr(module, param, None) is not None:
+                    layouts[prefix + param] = 1
+            continue
+        layout = _layout(module)
+        if layout is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
+            layouts[prefix + "weight"] = layout[0]
+    return layouts
+
+
+def save_compressed(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    layouts: Mapping[str, int] | None = None,
+) -> dict[str, str]:
+    """Write a lossless compressed checkpoint; returns ``{name: "N:M"}`` for the tensors stored compressed.
+
+    With a model, every Linear / Conv1D / ConvNd / Embedding weight and MultiheadAttention projection is a
+    candidate, grouped along its input dim; ``layouts`` ({state-dict key: input dim}) adds or overrides
+    candidates and is the only source of candidates for a plain state dict. Each candidate gets the cheapest
+    exact pattern it already has (see :func:`choose_pattern`), so no sparsifier is needed; a tensor that is
+    not N:M throughout (e.g. a packed QKV with only some blocks sparse) is stored dense.
+    """
+    from safetensors.torch import save_file
+
+    if isinstance(model_or_state_dict, nn.Module):
+        state = model_or_state_dict.state_dict()
+        candidates = {**_model_layouts(model_or_state_dict), **(layouts or {})}
+    else:
+        state, candidates = dict(model_or_state_dict), dict(layouts or {})
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConfigError(f"state_dict entry {name!r} is a {type(value).__name__}, not a tensor")
+        if name.endswith((_VALUES, _INDICES, _SIGNS)):
+            raise ConfigError(f"state_dict key {name!r} ends with a suffix this format reserves")
+    for name, dim in (layouts or {}).items():
+        if name not in state:
+            raise ConfigError(f"layouts names {name!r}, which is not in the state dict")
+        if not (isinstance(dim, int) and -state[name].dim() <= dim < state[name].dim()):
+            raise ConfigError(f"layouts[{name!r}] = {dim!r} is not a dim of a {state[name].dim()}-d tensor")
+
+    tensors, header, chosen, seen_storages = {}, {}, {}, set()
+    for name, value in state.items():
+        value = value.detach().cpu()
+        dim = candidates.get(name)
+        pattern = choose_pattern(value, dim % value.dim()) if dim is not None and value.dim() else None
+        if pattern is None:
+            storage = value.untyped_storage().data_ptr()
+            shared = storage in seen_storages and value.numel() > 0
+            seen_storages.add(storage)
+            tensors[name] = value.clone() if shared else value.contiguous()  # safetensors refuses shared memory
+            continue
+        n, m = pattern
+        parts, header[name] = _encode(value, n, m, dim % value.dim())
+        tensors.update({name + suffix: part for suffix, part in parts.items()})
+        chosen[name] = f"{n}:{m}"
+    metadata = {"nmflow": json.dumps({"format": FORMAT, "version": VERSION, "order": list(state), "tensors": header})}
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    return chosen
+
+
+def load_compressed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint written by :func:`save_compressed`: a plain state dict, bitwise equal to the original."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(path, framework="pt") as reader:
+            metadata = reader.metadata() or {}
+            stored = {key: reader.get_tensor(key) for key in reader.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as exc:  # safetensors raises its own error types (and OSError) for broken files
+        raise ConfigError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    if "nmflow" not in metadata:
+        raise ConfigError(f"{path}: not an nmflow compressed checkpoint (no 'nmflow' header)")
+    try:
+        header = json.loads(metadata["nmflow"])
+        version, order, infos = header["version"], header["order"], header["tensors"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: the nmflow header is not valid ({exc!r})") from None
+    if header.get("format") != FORMAT or version != VERSION:
+        raise ConfigError(
+            f"{path}: format {header.get('format')!r} version {version!r}; "
+            f"this nmflow reads {FORMAT!r} version {VERSION}"
+        )
+    if not (isinstance(order, list) and isinstance(infos, dict) and set(infos) <= set(order)):
+        raise ConfigError(f"{path}: the nmflow header's tensor list is not valid")
+    expected_keys = {name for name in order if name not in infos}
+    for name, info in infos.items():
+        expected_keys |= {name + _VALUES, name + _INDICES}
+        if isinstance(info, dict) and info.get("zero_signs"):
+            expected_keys.add(name + _SIGNS)
+    if expected_keys != set(stored):
+        missing, extra = sorted(expected_keys - set(stored)), sorted(set(stored) - expected_keys)
+        raise ConfigError(f"{path}: stored tensors do not match the header (missing {missing}, unexpected {extra})")
+    result = {}
+    for name in order:
+        if name in infos:
+            parts = {suffix: stored.get(name + suffix) for suffix in (_VALUES, _INDICES, _SIGNS)}
+            result[name] = _decode(name, infos[name], parts, path)
+        else:
+            result[name] = stored[name]
+    return result

@@ -1,0 +1,144 @@
+"""Hugging Face `Trainer` integration: one callback runs a recipe over a Trainer's run.
+
+    callback = NMSparsityCallback(Recipe("mdgf-exp", {"ff": "1:16"}))
+    trainer = Trainer(model, args, train_dataset=data)
+    callback.install(trainer)  # or Trainer(callbacks=[callback]): the same, but reporters miss the nmflow keys
+    trainer.train()  # the model ends exact N:M and plain; callback.sparsifier.verify() reports it
+
+The schedule counts optimizer steps (``state.global_step``), so gradient accumulation needs nothing
+special; checkpoints carry the sparsifier state (``nmflow_sparsity.pt``) and ``resume_from_checkpoint``
+continues the schedule where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from transformers import DefaultFlowCallback, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from nmflow.diagnostics import current_masks, flip_rate, key_density
+from nmflow.recipes import Recipe
+from nmflow.schedules import Phase
+from nmflow.sparsifier import Sparsifier, sparsify
+
+__all__ = ["STATE_FILE", "NMSparsityCallback"]
+
+STATE_FILE = "nmflow_sparsity.pt"
+"""The sparsifier state inside each Trainer checkpoint folder."""
+
+PHASE_CODES = {Phase.DENSE: 0, Phase.SPARSE: 1, Phase.FINETUNE: 2}
+"""``nmflow/phase`` is logged as a number, since most reporters (MLflow, AzureML, ...) keep numbers only."""
+
+
+class NMSparsityCallback(TrainerCallback):
+    """Sparsifies the Trainer's model with ``recipe`` over ``state.max_steps`` optimizer steps.
+
+    Logged with every training log (``trainer.state.log_history`` and the reporters):
+    ``nmflow/D`` (factor on pruned weights: 1 dense, D while decaying, 0 binary), ``nmflow/phase``
+    (0 dense, 1 sparse, 2 finetune), ``nmflow/density/<key>`` (N/M kept per recipe key, 1.0 dense) and,
+    with step-based logging, ``nmflow/flip_rate`` (fraction of mask entries changed by the last optimizer step).
+    """
+
+    def __init__(self, recipe: Recipe, *, verbose: bool = True) -> None:
+        if not isinstance(recipe, Recipe):
+            raise TypeError(f"NMSparsityCallback needs an nmflow.Recipe, got {type(recipe).__name__}")
+        self.recipe = recipe
+        self.verbose = verbose
+        self.sparsifier: Sparsifier | None = None
+        self._masks_before_step: tuple[int, dict[str, torch.Tensor]] | None = None  # (global step, masks)
+        self._installed = False
+
+    def install(self, trainer: Trainer) -> Trainer:
+        """Register with ``trainer`` ahead of its reporters, which only see log keys added before they run.
+
+        It goes right after `DefaultFlowCallback`; running before the reporters also means that at the end
+        of training they save the finalized (exact N:M) model.
+        """
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        flow = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
+        callbacks.insert(flow[0] + 1 if flow else 0, self)
+        self._installed = True
+        return trainer
+
+    # ----------------------------------------------------------------- lifecycle
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # The Trainer has built the optimizer and, on resume, loaded the checkpoint's weights by now;
+        # the parametrization keeps each weight's Parameter object, so the optimizer still holds it.
+        model = kwargs["model"]
+        if any(args.report_to) and not self._installed:
+            warnings.warn(
+                "NMSparsityCallback runs after the Trainer's reporters, which will not see the nmflow/* keys; "
+                "register it with callback.install(trainer) instead",
+                stacklevel=2,
+            )
+        self.sparsifier = sparsify(
+            model, self.recipe, total_steps=state.max_steps, verbose=self.verbose and state.is_world_process_zero
+        )
+        if state.global_step > 0:
+            self._resume(args, state)
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # keep the masks this step's forward used, only when the step ends in a log: each mask costs a top-k
+        log_due = _log_due(args, state, state.global_step + 1)
+        self._masks_before_step = (state.global_step, current_masks(self.sparsifier)) if log_due else None
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.sparsifier.step()
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or self.sparsifier is None:
+            return  # only the periodic training logs: not evaluation, nor the end-of-run summary
+        extra = self._metrics(state)
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)  # the Trainer appended a copy of ``logs`` just before this call
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if args.should_save and self.sparsifier is not None:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            torch.save(self.sparsifier.state_dict(), os.path.join(folder, STATE_FILE))
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.sparsifier.finalize()
+
+    # ----------------------------------------------------------------- helpers
+    def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
+        sp = self.sparsifier
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+        if os.path.isfile(path):
+            sp.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return
+        rebuilt = sp.state_dict()
+        rebuilt["step"] = state.global_step
+        lost = "the schedule is a function of the step, so nothing else was lost"
+        if self.recipe.method == "oneshot" and sp.plan.phase(state.global_step) is not Phase.DENSE:
+            lost = "the one-shot masks are lost and recomputed from the resumed weights"
+        warnings.warn(
+            f"no {STATE_FILE} in the checkpoint of step {state.global_step} under {args.output_dir}; "
+            f"the sparsity schedule resumes from the step alone: {lost}",
+            stacklevel=3,
+        )
+        sp.load_state_dict(rebuilt)
+
+    def _metrics(self, state: TrainerState) -> dict[str, float]:
+        sp = self.sparsifier
+        status = sp.status()
+        binary_or_dense = 1.0 if status.phase is Phase.DENSE else 0.0
+        decay = binary_or_dense if status.decay is None else status.decay
+        metrics = {"nmflow/D": decay, "nmflow/phase": PHASE_CODES[status.phase]}
+        metrics.update({f"nmflow/density/{key}": value for key, value in key_density(sp).items()})
+        if self._masks_before_step is not None and self._masks_before_step[0] + 1 == state.global_step:
+            metrics["nmflow/flip_rate"] = flip_rate(self._masks_before_step[1], current_masks(sp))
+        self._masks_before_step = None
+        return metrics
+
+
+def _log_due(args: TrainingArguments, state: TrainerState, step: int) -> bool:
+    """Whether `DefaultFlowCallback` will ask for a training log once ``global_step`` reaches ``step``."""
+    if step == 1 and args.logging_first_step:
+        return True
+    return args.logging_strategy == "steps" and state.logging_steps > 0 and step % state.logging_steps == 0
