@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -186,6 +187,11 @@ def resolve_targets(model: nn.Module, recipe: Recipe) -> list[Target]:
             continue
         _check_not_taken(slot)
         tensor = getattr(slot.module, slot.param_name)
+        if _is_sharded(tensor):
+            raise ConfigError(
+                f"{slot.name}.{slot.param_name} is already sharded (a DTensor, e.g. by FSDP2's fully_shard); "
+                f"call nmflow.sparsify before fully_shard (see docs/distributed.md)"
+            )
         n_blocks = len(slot.block_roles or ("-",))
         if tensor.dim() < 2 or tensor.shape[slot.out_dim] % n_blocks:
             raise ConfigError(f"{slot.name}.{slot.param_name}: shape {tuple(tensor.shape)} cannot be sparsified")
@@ -261,6 +267,14 @@ def _check_not_taken(slot: _Slot) -> None:
             f"{slot.name}.{slot.param_name} is already parametrized (sparsified twice?); "
             f"call finalize() on the earlier sparsifier first"
         )
+
+
+def _is_sharded(tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def _reject_tied(model: nn.Module, targets: list[Target]) -> None:
