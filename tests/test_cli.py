@@ -19,7 +19,15 @@ from nmflow.data import load_digits_splits
 from nmflow.train import VIT_CONFIG, TrainConfig, read_config_file, train
 
 TINY_STEPS = 30
-OUTPUT_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "config.json"}
+OUTPUT_FILES = {
+    "config.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "model.safetensors",
+    "config.json",
+    "checkpoints",
+    "tensorboard",
+}
 FF_LAYERS = [f"vit.layers.{i}.mlp.{fc}" for i in range(VIT_CONFIG["num_hidden_layers"]) for fc in ("fc1", "fc2")]
 FF_WEIGHTS = VIT_CONFIG["num_hidden_layers"] * 2 * VIT_CONFIG["hidden_size"] * VIT_CONFIG["intermediate_size"]
 

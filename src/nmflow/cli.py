@@ -1,6 +1,7 @@
 """The ``nmflow`` command: parses the command line and hands over to the module of each subcommand.
 
     nmflow train [--method M] [--sparsity ROLE=N:M ...] [--steps T] [--config FILE] ...
+    nmflow train --resume DIR      # continue the run in DIR from its newest checkpoint
 
 Errors in the input end the command with one line, ``nmflow: error: ...``, and exit status 2.
 """
@@ -79,7 +80,9 @@ def _add_train_command(commands: Any) -> None:
         flag, kind = "--" + f.name.replace("_", "-"), _scalar_type(hints[f.name])
         help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
         if kind is bool:
-            group.add_argument(flag, action="store_true", help=help_text)
+            # a default of None ("decide for me") gets a --no- form too
+            action = argparse.BooleanOptionalAction if f.default is None else "store_true"
+            group.add_argument(flag, action=action, help=help_text)
             continue
         if f.default not in (MISSING, None):
             help_text += f" (default: {f.default})"
@@ -87,15 +90,27 @@ def _add_train_command(commands: Any) -> None:
             flag, type=kind, choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"), help=help_text
         )
     command.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    command.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in output folder DIR from its newest checkpoint, with the config of its "
+        "config.yaml; only --save-every, --keep-checkpoints and --(no-)tensorboard may be given with it",
+    )
     command.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from nmflow.train import TrainConfig, read_config_file, train
+    from nmflow.train import TrainConfig, read_config_file, resume_config, train
 
     given = vars(args)
+    flags = {k: v for k, v in given.items() if k not in ("command", "run", "config", "overwrite", "resume")}
+    if "resume" in given:
+        refused = [name for name in ("config", "overwrite") if name in given]
+        if refused:
+            raise ConfigError(f"--resume takes the run's own config.yaml; --{refused[0]} cannot be given with it")
+        train(resume_config(given["resume"], flags), resume=True)
+        return 0
     values = read_config_file(given["config"]) if "config" in given else {}
-    flags = {k: v for k, v in given.items() if k not in ("command", "run", "config", "overwrite")}
     if "sparsity" in flags:
         flags["sparsity"] = _sparsity_mapping(flags["sparsity"])
     config = TrainConfig.from_dict({**values, **flags})

@@ -3,6 +3,7 @@
     nmflow train                                          # mdgf-exp, ff=1:16, 1000 steps: ~35 s on one core
     nmflow train --method srste --sparsity ff=1:16 --sparsity qk=1:8 --steps 2000
     nmflow train --config run.yaml --seed 3               # flags override the file
+    nmflow train --resume runs/mdgf-exp-20250101-120000   # continue a run from its latest checkpoint
 
 From Python: ``summary = train(TrainConfig(method="ste", steps=300))``.
 
@@ -15,12 +16,20 @@ A run writes into its output folder:
   evaluates the finalized model.
 * ``summary.json``: what the run prints at the end. The test split is evaluated there, once.
 * ``model.safetensors`` + ``config.json``: the finalized model, for ``ViTForImageClassification.from_pretrained``.
+* ``checkpoints/step-<N>/``: every ``save_every`` steps and at the last one, the newest ``keep_checkpoints``
+  kept (see `nmflow.checkpoint`). ``--resume`` continues from the newest; on one CPU thread the resumed run
+  ends with the same weights, bit for bit, and the same ``metrics.jsonl`` as a run never stopped.
+* ``tensorboard/``: the scalars of the metrics lines (``train/loss``, ``train/lr``, ``train/D``,
+  ``density/<key>`` as N/M, ``val/loss``, ``val/accuracy``), unless ``--no-tensorboard``. The default
+  writes them when the ``tensorboard`` package is installed (it is in the ``train`` extra).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -37,12 +46,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmflow import __version__
+from nmflow.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint, restore, save_checkpoint
 from nmflow.data import Split, batch_indices, load_digits_splits
 from nmflow.errors import ConfigError
 from nmflow.recipes import METHODS, Recipe
 from nmflow.sparsifier import Sparsifier, sparsify
 
-__all__ = ["VIT_CONFIG", "TrainConfig", "format_summary", "learning_rate", "read_config_file", "train"]
+__all__ = [
+    "RESUME_OVERRIDES",
+    "VIT_CONFIG",
+    "TrainConfig",
+    "format_summary",
+    "learning_rate",
+    "read_config_file",
+    "resume_config",
+    "train",
+]
 
 VIT_CONFIG = {
     "image_size": 8,
@@ -89,6 +108,11 @@ class TrainConfig:
     grad_clip: float = _option(1.0, "clip the gradient norm to this value (0: no clipping)", metavar="X")
     eval_every: int = _option(100, "evaluate on the validation split every N steps", metavar="N")
     log_every: int = _option(10, "write a metrics line every N steps", metavar="N")
+    save_every: int = _option(200, "save a checkpoint every N steps, and at the last step", metavar="N")
+    keep_checkpoints: int = _option(2, "keep the newest K checkpoints, delete older ones", metavar="K")
+    tensorboard: bool | None = _option(
+        None, "write TensorBoard scalars to <out>/tensorboard (default: when tensorboard is installed)"
+    )
     # The recipe's options, passed on to nmflow.Recipe; None keeps the recipe's default.
     dense_fraction: float | None = _option(None, "fraction of the steps trained dense first (default: 5%)", metavar="F")
     dense_steps: int | None = _option(None, "length of the dense phase in steps, instead of a fraction", metavar="N")
@@ -120,7 +144,7 @@ class TrainConfig:
             value = getattr(self, f.name)
             if not _matches(value, hints[f.name]):
                 raise ConfigError(f"{f.name} must be {_describe(hints[f.name])}, got {value!r}")
-        for name in ("steps", "threads", "batch_size", "eval_every", "log_every"):
+        for name in ("steps", "threads", "batch_size", "eval_every", "log_every", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("seed", "data_seed"):
@@ -256,14 +280,41 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - min_lr)
 
 
-def train(config: TrainConfig, *, overwrite: bool = False, verbose: bool = True) -> dict[str, Any]:
+RESUME_OVERRIDES = ("save_every", "keep_checkpoints", "tensorboard")
+"""Config keys ``--resume`` may change: they decide what is written, not what is computed."""
+
+
+def resume_config(out: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The config of the run in ``out``, read from its ``config.yaml``, for `train` with ``resume=True``.
+
+    ``overrides`` may only hold `RESUME_OVERRIDES`: any other change would make the run another one.
+    """
+    overrides = dict(overrides or {})
+    refused = sorted(set(overrides) - set(RESUME_OVERRIDES))
+    if refused:
+        allowed = ", ".join(f"--{name.replace('_', '-')}" for name in RESUME_OVERRIDES)
+        raise ConfigError(
+            f"--resume continues the run as its config.yaml says; {', '.join(refused)} would change it "
+            f"(allowed with --resume: {allowed}, --no-tensorboard)"
+        )
+    path = Path(out) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"cannot resume {out}: it holds no config.yaml; give the output folder of a run")
+    return TrainConfig.from_dict({**read_config_file(path), **overrides, "out": str(out)})
+
+
+def train(
+    config: TrainConfig, *, overwrite: bool = False, verbose: bool = True, resume: bool = False
+) -> dict[str, Any]:
     """Run ``config`` from data to saved model and return the summary (also written to ``summary.json``).
 
     A `ConfigError` (bad output folder, a recipe that does not fit the model) comes before anything is
     written. ``overwrite`` allows writing into a non-empty output folder; ``verbose=False`` prints nothing.
+    ``resume=True`` continues the run in ``config.out`` from its newest checkpoint (see `resume_config`).
     """
     started = time.perf_counter()
-    out = _output_folder(config, overwrite)
+    config = _resolve_tensorboard(config)
+    out = Path(config.out) if resume else _output_folder(config, overwrite)
     with _torch_threads(config.threads):
         recipe = config.recipe()
         device = torch.device(config.device)
@@ -274,13 +325,19 @@ def train(config: TrainConfig, *, overwrite: bool = False, verbose: bool = True)
         model = _build_model().to(device)
         sp = sparsify(model, recipe, total_steps=config.steps, verbose=verbose)  # checks the recipe fits the model
         optimizer = _optimizer(model, config)
-        batches = batch_indices(len(train_split), config.batch_size, torch.Generator().manual_seed(config.seed))
+        batch_rng = torch.Generator().manual_seed(config.seed)
+        batches = batch_indices(len(train_split), config.batch_size, batch_rng)
 
-        out.mkdir(parents=True, exist_ok=True)
-        _write_yaml(out / "config.yaml", config.resolved(out))
+        first_step = 0
+        if resume:
+            first_step = _resume_from_checkpoint(out, config, model, optimizer, sp, batches, batch_rng)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_yaml(out / "config.yaml", config.resolved(out))
+        board = _summary_writer(out, config, purge_step=first_step + 1 if resume else None)
         model.train()
-        progress = _progress_bar(config.steps, verbose)
-        with open(out / "metrics.jsonl", "w") as metrics:
+        progress = _progress_bar(first_step, config.steps, verbose)
+        with open(out / "metrics.jsonl", "a" if resume else "w") as metrics:
             for step in progress:
                 status = sp.status()  # the phase, D and patterns of this step's forward pass
                 lr = learning_rate(step, config)
@@ -300,16 +357,27 @@ def train(config: TrainConfig, *, overwrite: bool = False, verbose: bool = True)
                 if done % config.log_every == 0 or done == config.steps:
                     line = {"step": done, "loss": loss.item(), "lr": lr, "phase": str(status.phase), "D": status.decay}
                     _write_line(metrics, {**line, "patterns": status.by_key})
+                    _log_scalars(board, done, {"train/loss": line["loss"], "train/lr": lr, "train/D": status.decay})
+                    _log_scalars(board, done, {f"density/{k}": _density(p) for k, p in status.by_key.items()})
                     progress.set_postfix(loss=f"{line['loss']:.3f}", phase=line["phase"], refresh=False)
                 if done % config.eval_every == 0 and done < config.steps:
                     val_loss, val_accuracy = evaluate(model, val_split)
                     _write_line(metrics, {"step": done, "val_loss": val_loss, "val_accuracy": val_accuracy})
+                    _log_scalars(board, done, {"val/loss": val_loss, "val/accuracy": val_accuracy})
+                if done % config.save_every == 0 or done == config.steps:
+                    if board is not None:
+                        board.flush()
+                    state = _training_state(done, config, out, optimizer, sp, batch_rng, metrics.tell())
+                    save_checkpoint(out, model, state, keep=config.keep_checkpoints)
 
             sp.finalize()  # exact N:M zeros in the weights; plain modules from here on
             layers = sp.verify()  # raises if any group holds more than N non-zeros
             val_loss, val_accuracy = evaluate(model, val_split)
             final = {"step": config.steps, "finalized": True, "val_loss": val_loss, "val_accuracy": val_accuracy}
             _write_line(metrics, final)
+            _log_scalars(board, config.steps, {"val/loss": val_loss, "val/accuracy": val_accuracy})
+        if board is not None:
+            board.close()
         test_loss, test_accuracy = evaluate(model, data.test.to(device))  # the only look at the test split
         with _quiet_transformers_progress():
             model.save_pretrained(out)
@@ -378,7 +446,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines += [
         f"  model parameters     {_fraction(params['nonzero'], params['total'])} non-zero",
         f"  wall time            {summary['wall_time_s']:.1f} s",
-        f"  output               {summary['out']}/ (config.yaml, metrics.jsonl, summary.json, model.safetensors)",
+        f"  output               {summary['out']}/ (config.yaml, metrics.jsonl, summary.json, model.safetensors,",
+        "                       checkpoints/, and tensorboard/ when enabled)",
     ]
     return "\n".join(lines)
 
@@ -428,11 +497,117 @@ def _phases(sp: Sparsifier) -> dict[str, list[int]]:
     }
 
 
-def _progress_bar(steps: int, verbose: bool):
+def _progress_bar(first_step: int, steps: int, verbose: bool):
     from tqdm import tqdm
 
     # disable=None: silent when stdout is not a terminal (logs, pipes, CI)
-    return tqdm(range(steps), desc="training", unit="step", file=sys.stdout, disable=None if verbose else True)
+    disable = None if verbose else True
+    return tqdm(
+        range(first_step, steps),
+        initial=first_step,
+        total=steps,
+        desc="training",
+        unit="step",
+        file=sys.stdout,
+        disable=disable,
+    )
+
+
+# ----------------------------------------------------------------------------- checkpoints and TensorBoard
+def _training_state(
+    step: int,
+    config: TrainConfig,
+    out: Path,
+    optimizer: torch.optim.Optimizer,
+    sp: Sparsifier,
+    batch_rng: torch.Generator,
+    metrics_bytes: int,
+) -> dict[str, Any]:
+    """Everything besides the weights that step ``step + 1`` depends on, and where metrics.jsonl ended."""
+    return {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "sparsifier": sp.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "batch_rng": batch_rng.get_state(),
+        "batches_drawn": step,  # one batch per step: the data position
+        "metrics_bytes": metrics_bytes,
+        "config": config.resolved(out),
+    }
+
+
+def _resume_from_checkpoint(
+    out: Path,
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sp: Sparsifier,
+    batches: typing.Iterator[torch.Tensor],
+    batch_rng: torch.Generator,
+) -> int:
+    """Load the newest checkpoint of ``out`` after checking all of it; returns the step to continue from.
+
+    The batch order is replayed from the seed to the saved data position, then checked against the saved
+    generator state. ``metrics.jsonl`` is cut back to its length at the checkpoint.
+    """
+    checkpoint = read_checkpoint(latest_checkpoint(out))
+    state_file = checkpoint.path / "training_state.pt"
+    saved, current = dict(checkpoint.state["config"]), config.resolved(out)
+    changed = sorted(k for k in set(saved) | set(current) if k not in _UNCOMPARED and saved.get(k) != current.get(k))
+    if changed:
+        raise CheckpointError(f"checkpoint file {state_file} belongs to another config: {', '.join(changed)} differ")
+    metrics_path, metrics_bytes = out / "metrics.jsonl", checkpoint.state["metrics_bytes"]
+    if not metrics_path.is_file() or metrics_path.stat().st_size < metrics_bytes:
+        raise CheckpointError(
+            f"{metrics_path} is shorter than the {metrics_bytes} bytes it had at step {checkpoint.step}"
+        )
+    for _ in range(checkpoint.state["batches_drawn"]):
+        next(batches)
+    if not torch.equal(batch_rng.get_state(), checkpoint.state["batch_rng"]):
+        raise CheckpointError(f"checkpoint file {state_file}: the batch order replayed from the seed differs")
+    restore(checkpoint, model, optimizer, sp)
+    torch.set_rng_state(checkpoint.state["torch_rng"])
+    os.truncate(metrics_path, metrics_bytes)
+    return checkpoint.step
+
+
+_UNCOMPARED = {"nmflow_version", "out", *RESUME_OVERRIDES}
+
+
+def _resolve_tensorboard(config: TrainConfig) -> TrainConfig:
+    """``tensorboard=None`` becomes whether the package is installed; ``True`` without it is an error."""
+    installed = importlib.util.find_spec("tensorboard") is not None
+    if config.tensorboard is None:
+        return replace(config, tensorboard=installed)
+    if config.tensorboard and not installed:
+        raise ConfigError(
+            "tensorboard logging needs the tensorboard package: pip install tensorboard "
+            "(it comes with nmflow[train]), or pass --no-tensorboard"
+        )
+    return config
+
+
+def _summary_writer(out: Path, config: TrainConfig, purge_step: int | None):
+    """A TensorBoard writer, or None; ``purge_step`` hides what a stopped run logged after its checkpoint."""
+    if not config.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
+
+
+def _log_scalars(board, step: int, values: Mapping[str, float | None]) -> None:
+    if board is None:
+        return
+    for tag, value in values.items():
+        if value is not None:
+            board.add_scalar(tag, value, step)
+
+
+def _density(patterns: str) -> float:
+    """N/M of a recipe key's current pattern (1 when dense); the mean when its layers differ ("1:8,1:16")."""
+    fractions = [1.0 if p == "dense" else int(p.split(":")[0]) / int(p.split(":")[1]) for p in patterns.split(",")]
+    return sum(fractions) / len(fractions)
 
 
 def _write_line(file, record: Mapping[str, Any]) -> None:
