@@ -185,7 +185,7 @@ def fsdp_worker(rank: int, port: int, method: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method", ["mdgf-exp", "srste"])
+@pytest.mark.parametrize("method", ["mdgf-exp", "srste", "oneshot"])
 def test_fsdp2_sharded_training_matches_one_process_and_finalizes_from_a_full_checkpoint(method, tmp_path):
     ranks = spawn(fsdp_worker, method, tmp_path)
     expected = reference(method)
@@ -225,3 +225,37 @@ def test_sparsify_after_fully_shard_is_refused_with_a_clear_error(tmp_path):
     mp.spawn(sparsify_after_shard_worker, args=(free_port(), str(tmp_path)), nprocs=1, join=True)
     result = torch.load(tmp_path / "result.pt", weights_only=True)
     assert "call nmflow.sparsify before fully_shard" in result["message"] and result["unchanged"]
+
+
+def sharded_guard_worker(rank: int, port: int, method: str, out_dir: str) -> None:
+    """A NaN in one rank's shard must stop every rank; finalize() must refuse sharded weights."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        model, sp = build(method)
+        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD_SIZE,)))
+        for _ in range(4):  # into the sparse phase: masks are due at every step
+            sp.step()
+        errors = {}
+        try:
+            sp.finalize()
+        except nmflow.ConfigError as err:
+            errors["finalize"] = str(err)
+        original = model.blocks[0].mlp.fc1.parametrizations.weight.original
+        if rank == 1:
+            with torch.no_grad():
+                original.to_local()[0, 0] = float("nan")
+        try:
+            sp.step()
+        except nmflow.NonFiniteWeightError as err:
+            errors["step"] = str(err)
+        errors["step_count"] = sp.step_count
+        torch.save(errors, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_nan_in_one_shard_stops_every_rank_and_sharded_finalize_is_refused(tmp_path):
+    for record in spawn(sharded_guard_worker, "mdgf-exp", tmp_path):
+        assert "blocks.0.mlp.fc1" in record["step"] and record["step_count"] == 4
+        assert "gather a full state dict" in record["finalize"]

@@ -26,7 +26,7 @@ from nmflow.masks import NMPattern, realized_n
 from nmflow.parametrization import GradientRule, NMParametrization
 from nmflow.recipes import Recipe
 from nmflow.schedules import Phase
-from nmflow.targets import Segment, Target, resolve_targets
+from nmflow.targets import Segment, Target, is_sharded, resolve_targets
 
 __all__ = ["Sparsifier", "SparsityStatus", "sparsify"]
 
@@ -184,6 +184,11 @@ class Sparsifier:
         if self._finalized:
             raise FinalizedError("finalize() was already called")
         if self.masks_applied:
+            if any(is_sharded(self._original(t)) for t in self.targets):
+                raise ConfigError(
+                    "finalize() cannot write into FSDP2-sharded weights; gather a full state dict and finalize an "
+                    "unsharded copy (see docs/distributed.md)"
+                )
             self._check_finite()
             with torch.no_grad():
                 masks = [self._final_mask(t) for t in self.targets]
@@ -276,19 +281,26 @@ class Sparsifier:
             param = self._parametrization(t)
             param.set_state(self._patterns_at(t, self._step), decay)
             if freeze and param.fixed_mask is None:  # one-shot: prune once, at the end of the dense phase
-                with torch.no_grad():
-                    param.fixed_mask = param.mask(self._original(t)).clone()
+                with torch.no_grad():  # from the whole weight: a shard's groups are not the model's (Conv1D)
+                    param.fixed_mask = param.mask(_whole(self._original(t))).clone()
 
     def _check_finite(self) -> None:
         tensors = [self._original(t) if self._is_attached(t) else getattr(t.module, t.param_name) for t in self.targets]
         if not tensors:
             return
+        sharded = any(is_sharded(w) for w in tensors)
+        local = [w.to_local() if is_sharded(w) else w for w in tensors]
         with torch.no_grad():
             # A finite sum proves every weight finite, at the cost of one reduction; only a non-finite sum
             # (a NaN/inf, or an overflow of large but finite weights) needs the exact check.
-            finite = torch.stack([w.sum() for w in tensors]).isfinite().cpu()
+            finite = torch.stack([w.sum() for w in local]).isfinite()
             if not finite.all():
-                finite = torch.stack([torch.isfinite(w).all() for w in tensors]).cpu()
+                finite = torch.stack([torch.isfinite(w).all() for w in local])
+            if sharded:  # every rank sees only its shard: agree, so that all ranks stop together
+                flags = finite.to(torch.int32)
+                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+                finite = flags.bool()
+            finite = finite.cpu()
         if not finite.all():
             bad = [t.qualified_name for t, ok in zip(self.targets, finite.tolist()) if not ok]
             raise NonFiniteWeightError(f"NaN or inf in the weights of {', '.join(bad)}; no mask can be computed")
@@ -341,6 +353,11 @@ class Sparsifier:
     def __repr__(self) -> str:
         method, targets = self.recipe.method, len(self.targets)
         return f"Sparsifier(method={method!r}, step={self._step}/{self.total_steps}, targets={targets})"
+
+
+def _whole(weight: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded weight (a collective: every rank calls it at the same step)."""
+    return weight.full_tensor() if is_sharded(weight) else weight
 
 
 def _label(target: Target, segment: Segment) -> str:

@@ -187,7 +187,7 @@ def resolve_targets(model: nn.Module, recipe: Recipe) -> list[Target]:
             continue
         _check_not_taken(slot)
         tensor = getattr(slot.module, slot.param_name)
-        if _is_sharded(tensor):
+        if is_sharded(tensor):
             raise ConfigError(
                 f"{slot.name}.{slot.param_name} is already sharded (a DTensor, e.g. by FSDP2's fully_shard); "
                 f"call nmflow.sparsify before fully_shard (see docs/distributed.md)"
@@ -269,7 +269,8 @@ def _check_not_taken(slot: _Slot) -> None:
         )
 
 
-def _is_sharded(tensor) -> bool:
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """A DTensor (FSDP2, tensor parallel): outside forward it holds only this rank's shard."""
     if not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor
