@@ -251,6 +251,7 @@ def sharded_guard_worker(rank: int, port: int, method: str, out_dir: str) -> Non
             errors["step"] = str(err)
         errors["step_count"] = sp.step_count
         torch.save(errors, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # leave together: gloo can abort a rank whose peer tears down first
     finally:
         dist.destroy_process_group()
 

@@ -22,6 +22,11 @@ A run writes into its output folder:
 * ``tensorboard/``: the scalars of the metrics lines (``train/loss``, ``train/lr``, ``train/D``,
   ``density/<key>`` as N/M, ``val/loss``, ``val/accuracy``), unless ``--no-tensorboard``. The default
   writes them when the ``tensorboard`` package is installed (it is in the ``train`` extra).
+
+Launched by ``torchrun --nproc_per_node=K`` (``WORLD_SIZE`` > 1), the same command trains with
+DistributedDataParallel (gloo on CPU, nccl on CUDA, one GPU per process): every process draws the same
+global batch of ``batch_size`` and trains on its contiguous share of ``batch_size / K`` examples, so the
+run matches a single process up to rounding. Only rank 0 writes files and prints.
 """
 
 from __future__ import annotations
@@ -42,8 +47,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from nmflow import __version__
 from nmflow.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint, restore, save_checkpoint
@@ -314,10 +321,16 @@ def train(
     """
     started = time.perf_counter()
     config = _resolve_tensorboard(config)
-    out = Path(config.out) if resume else _output_folder(config, overwrite)
-    with _torch_threads(config.threads):
+    ranks = _launched_ranks()
+    if config.batch_size % ranks.world_size:
+        raise ConfigError(
+            f"batch_size {config.batch_size} must be divisible by the number of processes ({ranks.world_size}): "
+            "every process trains on an equal share of the global batch"
+        )
+    with _process_group(ranks, config.device) as device, _torch_threads(config.threads):
+        out = Path(config.out) if resume else _shared_output_folder(config, overwrite, ranks)
+        verbose = verbose and ranks.is_main
         recipe = config.recipe()
-        device = torch.device(config.device)
         data = load_digits_splits(config.data_seed)
         train_split, val_split = data.train.to(device), data.val.to(device)
 
@@ -325,27 +338,31 @@ def train(
         model = _build_model().to(device)
         sp = sparsify(model, recipe, total_steps=config.steps, verbose=verbose)  # checks the recipe fits the model
         optimizer = _optimizer(model, config)
-        batch_rng = torch.Generator().manual_seed(config.seed)
+        batch_rng = torch.Generator().manual_seed(config.seed)  # the same global batches in every process
         batches = batch_indices(len(train_split), config.batch_size, batch_rng)
+        share = config.batch_size // ranks.world_size
+        own = slice(ranks.rank * share, (ranks.rank + 1) * share)
 
         first_step = 0
         if resume:
-            first_step = _resume_from_checkpoint(out, config, model, optimizer, sp, batches, batch_rng)
-        else:
+            first_step = _resume_from_checkpoint(out, config, model, optimizer, sp, batches, batch_rng, ranks)
+        elif ranks.is_main:
             out.mkdir(parents=True, exist_ok=True)
             _write_yaml(out / "config.yaml", config.resolved(out))
-        board = _summary_writer(out, config, purge_step=first_step + 1 if resume else None)
+        forward = model if ranks.world_size == 1 else _distributed(model, device)
+        board = _summary_writer(out, config, purge_step=first_step + 1 if resume else None) if ranks.is_main else None
         model.train()
         progress = _progress_bar(first_step, config.steps, verbose)
-        with open(out / "metrics.jsonl", "a" if resume else "w") as metrics:
+        metrics_path = out / "metrics.jsonl" if ranks.is_main else Path(os.devnull)
+        with open(metrics_path, "a" if resume else "w") as metrics:
             for step in progress:
                 status = sp.status()  # the phase, D and patterns of this step's forward pass
                 lr = learning_rate(step, config)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = next(batches).to(device)
-                logits = model(pixel_values=train_split.images[batch]).logits
-                loss = F.cross_entropy(logits, train_split.labels[batch])
+                batch = next(batches)[own].to(device)
+                logits = forward(pixel_values=train_split.images[batch]).logits
+                loss = F.cross_entropy(logits, train_split.labels[batch])  # mean: DDP averages the gradients
                 loss.backward()
                 if config.grad_clip > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -355,22 +372,25 @@ def train(
 
                 done = step + 1
                 if done % config.log_every == 0 or done == config.steps:
-                    line = {"step": done, "loss": loss.item(), "lr": lr, "phase": str(status.phase), "D": status.decay}
+                    loss_value = _global_mean(loss.detach(), ranks)
+                    line = {"step": done, "loss": loss_value, "lr": lr, "phase": str(status.phase), "D": status.decay}
                     _write_line(metrics, {**line, "patterns": status.by_key})
                     _log_scalars(board, done, {"train/loss": line["loss"], "train/lr": lr, "train/D": status.decay})
                     _log_scalars(board, done, {f"density/{k}": _density(p) for k, p in status.by_key.items()})
                     progress.set_postfix(loss=f"{line['loss']:.3f}", phase=line["phase"], refresh=False)
-                if done % config.eval_every == 0 and done < config.steps:
+                if done % config.eval_every == 0 and done < config.steps and ranks.is_main:
                     val_loss, val_accuracy = evaluate(model, val_split)
                     _write_line(metrics, {"step": done, "val_loss": val_loss, "val_accuracy": val_accuracy})
                     _log_scalars(board, done, {"val/loss": val_loss, "val/accuracy": val_accuracy})
                 if done % config.save_every == 0 or done == config.steps:
-                    if board is not None:
-                        board.flush()
-                    state = _training_state(done, config, out, optimizer, sp, batch_rng, metrics.tell())
-                    save_checkpoint(out, model, state, keep=config.keep_checkpoints)
+                    if ranks.is_main:
+                        if board is not None:
+                            board.flush()
+                        state = _training_state(done, config, out, optimizer, sp, batch_rng, metrics.tell())
+                        save_checkpoint(out, model, state, keep=config.keep_checkpoints)
+                    _barrier(ranks)  # no process runs ahead of a checkpoint being written
 
-            sp.finalize()  # exact N:M zeros in the weights; plain modules from here on
+            sp.finalize()  # exact N:M zeros in the weights, the same in every process; plain modules from here on
             layers = sp.verify()  # raises if any group holds more than N non-zeros
             val_loss, val_accuracy = evaluate(model, val_split)
             final = {"step": config.steps, "finalized": True, "val_loss": val_loss, "val_accuracy": val_accuracy}
@@ -379,8 +399,9 @@ def train(
         if board is not None:
             board.close()
         test_loss, test_accuracy = evaluate(model, data.test.to(device))  # the only look at the test split
-        with _quiet_transformers_progress():
-            model.save_pretrained(out)
+        if ranks.is_main:
+            with _quiet_transformers_progress():
+                model.save_pretrained(out)
 
     summary = {
         "method": config.method,
@@ -405,7 +426,8 @@ def train(
         "out": str(out),
         "nmflow_version": __version__,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if ranks.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if verbose:
         print(format_summary(summary))
     return summary
@@ -513,6 +535,91 @@ def _progress_bar(first_step: int, steps: int, verbose: bool):
     )
 
 
+# ----------------------------------------------------------------------------- several processes (torchrun)
+@dataclass(frozen=True)
+class _Ranks:
+    """This process's place in a torchrun launch; a plain run is rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _launched_ranks() -> _Ranks:
+    """Read from the variables torchrun sets; a single process without them."""
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return _Ranks()
+        return _Ranks(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"WORLD_SIZE is set but the launch environment is incomplete or invalid: {err}") from None
+
+
+@contextmanager
+def _process_group(ranks: _Ranks, device_name: str):
+    """The torch device of this process, inside a process group when there are several; destroyed on the way out.
+
+    With CUDA each process takes GPU ``LOCAL_RANK``. A process group the caller initialized is used and left alone.
+    """
+    device = torch.device(device_name)
+    if ranks.world_size == 1:
+        yield device
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    owned = not dist.is_initialized()
+    if owned:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    try:
+        yield device
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def _shared_output_folder(config: TrainConfig, overwrite: bool, ranks: _Ranks) -> Path:
+    """Rank 0 picks and checks the output folder (the default name holds the time); every process gets it."""
+    if ranks.world_size == 1:
+        return _output_folder(config, overwrite)
+    chosen: list[str | None] = [None, None]  # the folder, or the error message
+    if ranks.is_main:
+        try:
+            chosen[0] = str(_output_folder(config, overwrite))
+        except ConfigError as err:
+            chosen[1] = str(err)
+    dist.broadcast_object_list(chosen, src=0)
+    if chosen[1] is not None:
+        raise ConfigError(chosen[1])
+    return Path(chosen[0])
+
+
+def _distributed(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP over the sparsified model: nmflow adds no parameter and every parameter gets a gradient."""
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
+
+
+def _global_mean(value: torch.Tensor, ranks: _Ranks) -> float:
+    """The mean of a per-process mean over all processes: the loss of the whole global batch."""
+    if ranks.world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= ranks.world_size
+    return value.item()
+
+
+def _barrier(ranks: _Ranks) -> None:
+    if ranks.world_size > 1:
+        dist.barrier()
+
+
 # ----------------------------------------------------------------------------- checkpoints and TensorBoard
 def _training_state(
     step: int,
@@ -544,11 +651,13 @@ def _resume_from_checkpoint(
     sp: Sparsifier,
     batches: typing.Iterator[torch.Tensor],
     batch_rng: torch.Generator,
+    ranks: _Ranks,
 ) -> int:
     """Load the newest checkpoint of ``out`` after checking all of it; returns the step to continue from.
 
     The batch order is replayed from the seed to the saved data position, then checked against the saved
-    generator state. ``metrics.jsonl`` is cut back to its length at the checkpoint.
+    generator state. ``metrics.jsonl`` is cut back to its length at the checkpoint (by rank 0). Every process
+    loads the same checkpoint.
     """
     checkpoint = read_checkpoint(latest_checkpoint(out))
     state_file = checkpoint.path / "training_state.pt"
@@ -567,7 +676,8 @@ def _resume_from_checkpoint(
         raise CheckpointError(f"checkpoint file {state_file}: the batch order replayed from the seed differs")
     restore(checkpoint, model, optimizer, sp)
     torch.set_rng_state(checkpoint.state["torch_rng"])
-    os.truncate(metrics_path, metrics_bytes)
+    if ranks.is_main:
+        os.truncate(metrics_path, metrics_bytes)
     return checkpoint.step
 
 
