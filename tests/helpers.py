@@ -76,3 +76,14 @@ def nonzeros_per_group(tensor: torch.Tensor, m: int, in_dim: int) -> torch.Tenso
     moved = tensor.detach().movedim(in_dim, -1)
     assert moved.shape[-1] % m == 0, f"size {moved.shape[-1]} is not a multiple of {m}"
     return (moved.reshape(-1, m) != 0).sum(dim=-1)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    """Exit status and stderr of ``nmflow <args>`` run in process."""
+    from nmflow.cli import main
+
+    try:
+        status = main(args)
+    except SystemExit as exit_:
+        status = exit_.code
+    return status, capsys.readouterr().err

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import run_cli
 
 import nmflow
 from nmflow.cli import main
@@ -42,15 +43,6 @@ def tiny_run(tmp_path_factory):
 
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    """Exit status and stderr of ``nmflow <args>`` run in process."""
-    try:
-        status = main(args)
-    except SystemExit as exit_:
-        status = exit_.code
-    return status, capsys.readouterr().err
 
 
 def test_a_run_writes_every_output_file(tiny_run):

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 from safetensors.torch import load_file
 
 from nmflow import checkpoint
-from nmflow.cli import main
 from nmflow.train import TrainConfig, train
 
 STEPS = 30
@@ -35,14 +35,6 @@ nmflow.train.learning_rate = learning_rate_or_die
 from nmflow.cli import main
 main(sys.argv[2:])
 """
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    try:
-        status = main(args)
-    except SystemExit as exit_:
-        status = exit_.code
-    return status, capsys.readouterr().err
 
 
 def config(out: Path, **changes) -> TrainConfig:
