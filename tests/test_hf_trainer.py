@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 from transformers.pytorch_utils import Conv1D
 
 from nmflow import Recipe, sparsify
-from nmflow.diagnostics import current_masks, flip_rate
+from nmflow.diagnostics import flip_rate
 from nmflow.integrations import NMSparsityCallback
 from nmflow.integrations.hf_trainer import STATE_FILE
 
@@ -112,9 +112,9 @@ def test_flip_rate_pools_entries_over_tensors():
 def test_current_masks_are_all_true_while_dense_and_n_of_m_after():
     model = tiny_gpt2()
     sp = sparsify(model, Recipe("ste", {"ff": "1:16"}, dense_steps=1, finetune_steps=0), total_steps=3, verbose=False)
-    assert all(mask.all() for mask in current_masks(sp).values())
+    assert all(mask.all() for mask in sp.masks().values())
     sp.step()
-    masks = current_masks(sp)
+    masks = sp.masks()
     assert set(masks) == set(FF_LAYERS)
     for mask in masks.values():
         assert (nonzeros_per_group(mask, 16, in_dim=0) == 1).all()

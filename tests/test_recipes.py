@@ -176,9 +176,11 @@ def test_verify_reports_each_segment_and_catches_a_broken_pattern():
     with pytest.raises(nmflow.NmflowError, match="finalize"):
         sp.verify()
     assert sp.status().by_key == {"qk": "dense", "ff": "dense"}
+    assert sp.status().density == {"qk": 1.0, "ff": 1.0}
     for _ in range(4):
         sp.step()
     assert sp.status().by_key == {"qk": "1:8", "ff": "1:4"}
+    assert sp.status().density == {"qk": 1 / 8, "ff": 1 / 4}
     sp.finalize()
     records = {r["layer"]: r for r in sp.verify()}
     attn = "layers.0.self_attn.in_proj_weight[qk]"

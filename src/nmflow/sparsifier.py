@@ -44,6 +44,7 @@ class SparsityStatus:
     decay: float | None  # D applied to pruned weights; None when masks are binary or absent
     patterns: dict[str, str]  # "layer" or "layer[role]" -> "N:M" or "dense"
     by_key: dict[str, str]  # recipe key -> its current pattern(s), e.g. {"ff": "1:16"}; distinct ones comma-joined
+    density: dict[str, float]  # recipe key -> fraction of its weights kept (N/M, weighted by size; 1.0 dense)
 
 
 def sparsify(model: nn.Module, recipe: Recipe, total_steps: int, *, verbose: bool = True) -> Sparsifier:
@@ -130,14 +131,33 @@ class Sparsifier:
         phase = self.plan.phase(step) if self.masks_applied else Phase.DENSE
         patterns: dict[str, str] = {}
         by_key: dict[str, list[str]] = {}
+        kept: dict[str, float] = {}
+        sizes: dict[str, int] = {}
         for t in self.targets:
+            per_row = self._original_or_param(t).numel() // t.out_size  # shape only: no forward work
             for seg, pattern in zip(t.segments, self._patterns_at(t, step)):
                 text = "dense" if pattern is None else str(pattern)
                 patterns[_label(t, seg)] = text
                 if text not in by_key.setdefault(seg.key, []):
                     by_key[seg.key].append(text)
+                size = per_row * (seg.stop - seg.start)
+                kept[seg.key] = kept.get(seg.key, 0.0) + size * (1.0 if pattern is None else pattern.density)
+                sizes[seg.key] = sizes.get(seg.key, 0) + size
         joined = {key: ",".join(texts) for key, texts in by_key.items()}
-        return SparsityStatus(step, phase, self._decay_at(step), patterns, joined)
+        density = {key: kept[key] / sizes[key] for key in kept}
+        return SparsityStatus(step, phase, self._decay_at(step), patterns, joined, density)
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The boolean mask the next forward pass applies to each sparsified tensor (all True where nothing is
+        pruned: while dense, under the ``dense`` method, after `finalize`). Costs one mask computation per tensor."""
+        masks = {}
+        with torch.no_grad():
+            for t in self.targets:
+                if self._is_attached(t):
+                    masks[t.qualified_name] = self._parametrization(t).mask(self._original(t)).clone()
+                else:
+                    masks[t.qualified_name] = torch.ones_like(getattr(t.module, t.param_name), dtype=torch.bool)
+        return masks
 
     def verify(self) -> list[dict]:
         """After `finalize`: check that every sparsified tensor holds exactly its target N:M.
@@ -288,8 +308,8 @@ class Sparsifier:
         tensors = [self._original(t) if self._is_attached(t) else getattr(t.module, t.param_name) for t in self.targets]
         if not tensors:
             return
-        sharded = any(is_sharded(w) for w in tensors)
         local = [w.to_local() if is_sharded(w) else w for w in tensors]
+        sharded = any(shard is not w for shard, w in zip(local, tensors))
         with torch.no_grad():
             # A finite sum proves every weight finite, at the cost of one reduction; only a non-finite sum
             # (a NaN/inf, or an overflow of large but finite weights) needs the exact check.

@@ -20,7 +20,7 @@ A run writes into its output folder:
   kept (see `nmflow.checkpoint`). ``--resume`` continues from the newest; on one CPU thread the resumed run
   ends with the same weights, bit for bit, and the same ``metrics.jsonl`` as a run never stopped.
 * ``tensorboard/``: the scalars of the metrics lines (``train/loss``, ``train/lr``, ``train/D``,
-  ``density/<key>`` as N/M, ``val/loss``, ``val/accuracy``), unless ``--no-tensorboard``. The default
+  ``density/<key>`` as N/M weighted by size, ``val/loss``, ``val/accuracy``), unless ``--no-tensorboard``. The default
   writes them when the ``tensorboard`` package is installed (it is in the ``train`` extra).
 
 Launched by ``torchrun --nproc_per_node=K`` (``WORLD_SIZE`` > 1), the same command trains with
@@ -376,7 +376,7 @@ def train(
                     line = {"step": done, "loss": loss_value, "lr": lr, "phase": str(status.phase), "D": status.decay}
                     _write_line(metrics, {**line, "patterns": status.by_key})
                     _log_scalars(board, done, {"train/loss": line["loss"], "train/lr": lr, "train/D": status.decay})
-                    _log_scalars(board, done, {f"density/{k}": _density(p) for k, p in status.by_key.items()})
+                    _log_scalars(board, done, {f"density/{k}": d for k, d in status.density.items()})
                     progress.set_postfix(loss=f"{line['loss']:.3f}", phase=line["phase"], refresh=False)
                 if done % config.eval_every == 0 and done < config.steps and ranks.is_main:
                     val_loss, val_accuracy = evaluate(model, val_split)
@@ -712,12 +712,6 @@ def _log_scalars(board, step: int, values: Mapping[str, float | None]) -> None:
     for tag, value in values.items():
         if value is not None:
             board.add_scalar(tag, value, step)
-
-
-def _density(patterns: str) -> float:
-    """N/M of a recipe key's current pattern (1 when dense); the mean when its layers differ ("1:8,1:16")."""
-    fractions = [1.0 if p == "dense" else int(p.split(":")[0]) / int(p.split(":")[1]) for p in patterns.split(",")]
-    return sum(fractions) / len(fractions)
 
 
 def _write_line(file, record: Mapping[str, Any]) -> None:

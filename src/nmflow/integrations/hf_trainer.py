@@ -18,7 +18,7 @@ import warnings
 import torch
 from transformers import DefaultFlowCallback, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from nmflow.diagnostics import current_masks, flip_rate, key_density
+from nmflow.diagnostics import flip_rate
 from nmflow.recipes import Recipe
 from nmflow.schedules import Phase
 from nmflow.sparsifier import Sparsifier, sparsify
@@ -84,7 +84,7 @@ class NMSparsityCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # keep the masks this step's forward used, only when the step ends in a log: each mask costs a top-k
         log_due = _log_due(args, state, state.global_step + 1)
-        self._masks_before_step = (state.global_step, current_masks(self.sparsifier)) if log_due else None
+        self._masks_before_step = (state.global_step, self.sparsifier.masks()) if log_due else None
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.sparsifier.step()
@@ -130,9 +130,9 @@ class NMSparsityCallback(TrainerCallback):
         binary_or_dense = 1.0 if status.phase is Phase.DENSE else 0.0
         decay = binary_or_dense if status.decay is None else status.decay
         metrics = {"nmflow/D": decay, "nmflow/phase": PHASE_CODES[status.phase]}
-        metrics.update({f"nmflow/density/{key}": value for key, value in key_density(sp).items()})
+        metrics.update({f"nmflow/density/{key}": value for key, value in status.density.items()})
         if self._masks_before_step is not None and self._masks_before_step[0] + 1 == state.global_step:
-            metrics["nmflow/flip_rate"] = flip_rate(self._masks_before_step[1], current_masks(sp))
+            metrics["nmflow/flip_rate"] = flip_rate(self._masks_before_step[1], sp.masks())
         self._masks_before_step = None
         return metrics
 
