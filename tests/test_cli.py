@@ -17,7 +17,8 @@ from helpers import run_cli
 import nmflow
 from nmflow.cli import main
 from nmflow.data import load_digits_splits
-from nmflow.train import VIT_CONFIG, TrainConfig, read_config_file, train
+from nmflow.tasks import VIT_CONFIG
+from nmflow.train import TrainConfig, read_config_file, train
 
 TINY_STEPS = 30
 OUTPUT_FILES = {

@@ -87,7 +87,8 @@ def save_checkpoint(out: Path, model: nn.Module, state: Mapping[str, Any], *, ke
     temporary = folder / f"{_TEMPORARY_PREFIX}{final.name}"
     temporary.mkdir()
     try:
-        tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+        aliases = _aliases(model)  # tied weights (GPT-2's lm_head and wte) are written once
+        tensors = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items() if n not in aliases}
         (write_model or save_file)(tensors, str(temporary / MODEL_FILE))
         torch.save(dict(state), temporary / STATE_FILE)
         manifest = {
@@ -164,7 +165,8 @@ def restore(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Opt
     The sparsifier goes first: its own ``load_state_dict`` checks everything before it assigns anything.
     """
     model_file = checkpoint.path / MODEL_FILE
-    current = model.state_dict()
+    aliases = _aliases(model)
+    current = {name: t for name, t in model.state_dict().items() if name not in aliases}
     if set(checkpoint.model) != set(current):
         missing, unexpected = sorted(set(current) - set(checkpoint.model)), sorted(set(checkpoint.model) - set(current))
         raise CheckpointError(f"checkpoint file {model_file} does not fit the model: lacks {missing}, has {unexpected}")
@@ -179,11 +181,22 @@ def restore(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Opt
         sp.load_state_dict(checkpoint.state["sparsifier"])
     except NmflowError as err:
         raise CheckpointError(f"checkpoint file {checkpoint.path / STATE_FILE}: {err}") from None
-    model.load_state_dict(checkpoint.model)
+    model.load_state_dict(checkpoint.model, strict=False)  # every name but the aliases, checked above
     optimizer.load_state_dict(checkpoint.state["optimizer"])
 
 
 # ----------------------------------------------------------------------------- helpers
+def _aliases(model: nn.Module) -> set[str]:
+    """State-dict names whose tensor is the same as that of an earlier name (tied weights)."""
+    seen, aliases = set(), set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if key in seen and tensor.numel():
+            aliases.add(name)
+        seen.add(key)
+    return aliases
+
+
 def _complete_checkpoints(folder: Path) -> list[Path]:
     """``step-<N>`` folders, oldest first."""
     if not folder.is_dir():

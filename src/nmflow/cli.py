@@ -2,6 +2,8 @@
 
     nmflow train [--method M] [--sparsity ROLE=N:M ...] [--steps T] [--config FILE] ...
     nmflow train --resume DIR      # continue the run in DIR from its newest checkpoint
+    nmflow sweep SPEC.yaml --out DIR [--jobs K]   # a grid of runs, several at once (see nmflow.sweep)
+    nmflow report DIR              # markdown tables and plots of the runs in DIR (see nmflow.report)
 
 Errors in the input end the command with one line, ``nmflow: error: ...``, and exit status 2.
 """
@@ -36,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(prog="nmflow", description="N:M structured-sparse training with progressive gradient flow.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_command(commands)
+    _add_sweep_command(commands)
+    _add_report_command(commands)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -56,9 +60,10 @@ def _add_train_command(commands: Any) -> None:
 
     command = commands.add_parser(
         "train",
-        help="train a small ViT on the bundled digits under an N:M recipe",
-        description="Train a small ViT on scikit-learn's bundled digits under an N:M recipe, check the realized "
-        "pattern and save the model. Flags override --config.",
+        help="train a small ViT (images) or GPT-2 (text) under an N:M recipe",
+        description="Train a small ViT on images (scikit-learn's bundled digits by default) or a byte-level GPT-2 "
+        "on text (CPython's pydoc text by default) under an N:M recipe, check the realized pattern and save the "
+        "model. Flags override --config.",
         argument_default=argparse.SUPPRESS,  # only the flags given reach the config, over the file's values
     )
     command.add_argument("--config", metavar="FILE", help="YAML file with the keys of these flags, underscored")
@@ -80,8 +85,8 @@ def _add_train_command(commands: Any) -> None:
         flag, kind = "--" + f.name.replace("_", "-"), _scalar_type(hints[f.name])
         help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
         if kind is bool:
-            # a default of None ("decide for me") gets a --no- form too
-            action = argparse.BooleanOptionalAction if f.default is None else "store_true"
+            # a default other than False (None: "decide for me") gets a --no- form too
+            action = "store_true" if f.default is False else argparse.BooleanOptionalAction
             group.add_argument(flag, action=action, help=help_text)
             continue
         if f.default not in (MISSING, None):
@@ -115,6 +120,54 @@ def _run_train(args: argparse.Namespace) -> int:
         flags["sparsity"] = _sparsity_mapping(flags["sparsity"])
     config = TrainConfig.from_dict({**values, **flags})
     train(config, overwrite=given.get("overwrite", False))
+    return 0
+
+
+# ----------------------------------------------------------------------------- nmflow sweep, nmflow report
+def _add_sweep_command(commands: Any) -> None:
+    command = commands.add_parser(
+        "sweep",
+        help="train a grid of tasks x methods x patterns x seeds",
+        description="Train every run of a sweep spec (YAML; see nmflow.sweep), several processes at once. "
+        "Finished runs are skipped, interrupted ones resumed, failed ones retried.",
+    )
+    command.add_argument("spec", metavar="SPEC", help="the sweep spec, a YAML file")
+    command.add_argument("--out", required=True, metavar="DIR", help="folder of the runs (one subfolder each)")
+    command.add_argument("--jobs", type=int, metavar="K", help="runs at once (default: one per CPU core)")
+    command.add_argument("--dry-run", action="store_true", help="check the spec and list the runs; train nothing")
+    command.set_defaults(run=_run_sweep)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from nmflow.sweep import plan_sweep, read_spec, run_sweep
+
+    if args.dry_run:
+        runs = plan_sweep(read_spec(args.spec))
+        for run in runs:
+            print(run.name)
+        print(f"{len(runs)} runs")
+        return 0
+    counts = run_sweep(args.spec, args.out, jobs=args.jobs)
+    return EXIT_FAILURE if counts["failed"] else 0
+
+
+def _add_report_command(commands: Any) -> None:
+    command = commands.add_parser(
+        "report",
+        help="write a markdown report with tables and plots of the runs in a folder",
+        description="Collect every run below RUNS_DIR and write report.md (mean +- std over seeds per task, "
+        "pattern and method) with PNG plots into plots/.",
+    )
+    command.add_argument("runs_dir", metavar="RUNS_DIR", help="a sweep's output folder")
+    command.add_argument("--out", metavar="DIR", help="where report.md and plots/ go (default: RUNS_DIR)")
+    command.set_defaults(run=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from nmflow.report import write_report
+
+    path = write_report(args.runs_dir, args.out)
+    print(f"nmflow report: {path}")
     return 0
 
 

@@ -92,12 +92,14 @@ class Sparsifier:
     def masks_applied(self) -> bool:
         return self.recipe.method != "dense"
 
-    def _decay_at(self, step: int) -> float | None:
+    def decay_at(self, step: int) -> float | None:
+        """D of the forward pass at schedule step ``step``; None when the masks are binary or absent."""
         if self._decay is None or self.plan.phase(step) is not Phase.SPARSE:
             return None
         return self._decay(step - self.plan.sparse_start)
 
-    def _patterns_at(self, target: Target, step: int) -> tuple[NMPattern | None, ...]:
+    def patterns_at(self, target: Target, step: int) -> tuple[NMPattern | None, ...]:
+        """The pattern of each segment of ``target`` at schedule step ``step`` (None: dense)."""
         phase = self.plan.phase(step)
         if phase is Phase.DENSE or not self.masks_applied:
             return (None,) * len(target.segments)
@@ -122,8 +124,8 @@ class Sparsifier:
             starts.add(plan.sparse_start + math.ceil(1 / self.recipe.resolved_beta(self.total_steps)))
         states = set()
         for step in starts:
-            decay = self._decay_at(step)
-            states.add((tuple(self._patterns_at(t, step) for t in self.targets), bool(decay)))
+            decay = self.decay_at(step)
+            states.add((tuple(self.patterns_at(t, step) for t in self.targets), bool(decay)))
         return len(states)
 
     def status(self) -> SparsityStatus:
@@ -134,8 +136,8 @@ class Sparsifier:
         kept: dict[str, float] = {}
         sizes: dict[str, int] = {}
         for t in self.targets:
-            per_row = self._original_or_param(t).numel() // t.out_size  # shape only: no forward work
-            for seg, pattern in zip(t.segments, self._patterns_at(t, step)):
+            per_row = self.trainable_weight(t).numel() // t.out_size  # shape only: no forward work
+            for seg, pattern in zip(t.segments, self.patterns_at(t, step)):
                 text = "dense" if pattern is None else str(pattern)
                 patterns[_label(t, seg)] = text
                 if text not in by_key.setdefault(seg.key, []):
@@ -145,7 +147,7 @@ class Sparsifier:
                 sizes[seg.key] = sizes.get(seg.key, 0) + size
         joined = {key: ",".join(texts) for key, texts in by_key.items()}
         density = {key: kept[key] / sizes[key] for key in kept}
-        return SparsityStatus(step, phase, self._decay_at(step), patterns, joined, density)
+        return SparsityStatus(step, phase, self.decay_at(step), patterns, joined, density)
 
     def masks(self) -> dict[str, torch.Tensor]:
         """The boolean mask the next forward pass applies to each sparsified tensor (all True where nothing is
@@ -295,11 +297,11 @@ class Sparsifier:
     def _apply_schedule(self) -> None:
         if not self.masks_applied:
             return
-        decay = self._decay_at(self._step)
+        decay = self.decay_at(self._step)
         freeze = self._rule is GradientRule.FROZEN and self.plan.phase(self._step) is not Phase.DENSE
         for t in self.targets:
             param = self._parametrization(t)
-            param.set_state(self._patterns_at(t, self._step), decay)
+            param.set_state(self.patterns_at(t, self._step), decay)
             if freeze and param.fixed_mask is None:  # one-shot: prune once, at the end of the dense phase
                 with torch.no_grad():  # from the whole weight: a shard's groups are not the model's (Conv1D)
                     param.fixed_mask = param.mask(_whole(self._original(t))).clone()
@@ -340,7 +342,7 @@ class Sparsifier:
         """The layers taken: name, role, shape, grouping dimension, target and pattern walk."""
         rows = [("layer", "role", "shape", "in-dim", "target", "schedule")]
         for t in self.targets:
-            shape = "x".join(str(s) for s in self._original_or_param(t).shape)
+            shape = "x".join(str(s) for s in self.trainable_weight(t).shape)
             for seg in t.segments:
                 walk = " > ".join(str(p) for p in seg.sequence) if len(seg.sequence) > 1 else ""
                 target = "dense" if not self.masks_applied else str(seg.target)
@@ -367,7 +369,8 @@ class Sparsifier:
             )
         return header + "\n" + "\n".join(lines)
 
-    def _original_or_param(self, target: Target) -> torch.Tensor:
+    def trainable_weight(self, target: Target) -> torch.Tensor:
+        """The parameter the optimizer updates for ``target`` (the unmasked weight while attached)."""
         return self._original(target) if self._is_attached(target) else getattr(target.module, target.param_name)
 
     def __repr__(self) -> str:

@@ -1,27 +1,34 @@
-"""`nmflow train`: train a small ViT on the bundled digits under an N:M recipe, verify the pattern, save the model.
+"""`nmflow train`: train a small transformer under an N:M recipe, verify the pattern, save the model.
 
-    nmflow train                                          # mdgf-exp, ff=1:16, 1000 steps: ~35 s on one core
+    nmflow train                                          # vision: ViT on the digits, mdgf-exp, ff=1:16, 1000 steps
+    nmflow train --task language --method srste --steps 400   # byte-level GPT-2 on CPython's pydoc text
+    nmflow train --task vision --data my_images/ --image-size 32  # your own image folder or .npz file
     nmflow train --method srste --sparsity ff=1:16 --sparsity qk=1:8 --steps 2000
     nmflow train --config run.yaml --seed 3               # flags override the file
     nmflow train --resume runs/mdgf-exp-20250101-120000   # continue a run from its latest checkpoint
+    nmflow train --method mdgf-exp --init-from runs/dense # continue a finished (dense) run under a recipe
 
-From Python: ``summary = train(TrainConfig(method="ste", steps=300))``.
+The tasks, their models and data are in `nmflow.tasks`. From Python:
+``summary = train(TrainConfig(method="ste", steps=300))``.
 
 A run writes into its output folder:
 
 * ``config.yaml``: the resolved config; ``--config`` takes it back.
 * ``metrics.jsonl``: one JSON object per line. Training lines hold ``step`` (optimizer steps done, from 1),
-  ``loss``, ``lr``, and the ``phase``, ``D`` and ``patterns`` (per recipe key) that step's forward pass used.
-  Evaluation lines hold ``step``, ``val_loss`` and ``val_accuracy``; the last one, marked ``finalized``,
-  evaluates the finalized model.
+  ``loss``, ``lr``, the ``phase``, ``D``, ``patterns`` and ``density`` (per recipe key) that step's forward pass
+  used, ``train_flops`` (cumulative, see `nmflow.flops`) and, unless ``diagnostics`` is off, the statistics of
+  `nmflow.diagnostics` per recipe key: ``grad_abs_var``, ``exp_avg_sq_var``, ``exp_avg_sq_norm``, ``flip_rate``.
+  Evaluation lines hold ``step``, ``val_loss`` and ``val_accuracy`` (vision) or ``val_perplexity`` (language),
+  and ``train_flops``; the last one, marked ``finalized``, evaluates the finalized model.
 * ``summary.json``: what the run prints at the end. The test split is evaluated there, once.
-* ``model.safetensors`` + ``config.json``: the finalized model, for ``ViTForImageClassification.from_pretrained``.
+* ``model.safetensors`` + ``config.json``: the finalized model, for ``ViTForImageClassification`` or
+  ``GPT2LMHeadModel.from_pretrained``.
 * ``checkpoints/step-<N>/``: every ``save_every`` steps and at the last one, the newest ``keep_checkpoints``
   kept (see `nmflow.checkpoint`). ``--resume`` continues from the newest; on one CPU thread the resumed run
   ends with the same weights, bit for bit, and the same ``metrics.jsonl`` as a run never stopped.
 * ``tensorboard/``: the scalars of the metrics lines (``train/loss``, ``train/lr``, ``train/D``,
-  ``density/<key>`` as N/M weighted by size, ``val/loss``, ``val/accuracy``), unless ``--no-tensorboard``. The default
-  writes them when the ``tensorboard`` package is installed (it is in the ``train`` extra).
+  ``density/<key>``, ``grad_abs_var/<key>``, ..., ``val/loss``, ``val/<metric>``), unless ``--no-tensorboard``.
+  The default writes them when the ``tensorboard`` package is installed (it is in the ``train`` extra).
 
 Launched by ``torchrun --nproc_per_node=K`` (``WORLD_SIZE`` > 1), the same command trains with
 DistributedDataParallel (gloo on CPU, nccl on CUDA, one GPU per process): every process draws the same
@@ -48,16 +55,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nmflow import __version__
 from nmflow.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint, restore, save_checkpoint
-from nmflow.data import Split, batch_indices, load_digits_splits
+from nmflow.diagnostics import StepDiagnostics
 from nmflow.errors import ConfigError
+from nmflow.flops import count_inference_flops, final_densities, training_flops, training_flops_until
 from nmflow.recipes import METHODS, Recipe
 from nmflow.sparsifier import Sparsifier, sparsify
+from nmflow.tasks import TASKS, VIT_CONFIG, Task, build_task
 
 __all__ = [
     "RESUME_OVERRIDES",
@@ -70,18 +78,7 @@ __all__ = [
     "train",
 ]
 
-VIT_CONFIG = {
-    "image_size": 8,
-    "patch_size": 2,  # 16 patches of 2x2 pixels, plus the class token
-    "num_channels": 1,
-    "hidden_size": 64,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "intermediate_size": 256,
-    "num_labels": 10,
-}
 MIN_LR_RATIO = 0.1  # the cosine ends at lr / 10, as in nanoGPT (after Chinchilla)
-EVAL_BATCH_SIZE = 1024
 SEED_LIMIT = 2**32  # scikit-learn's random_state takes seeds below 2**32
 
 
@@ -96,6 +93,20 @@ def _option(default: Any, help: str, **metadata: Any) -> Any:
 class TrainConfig:
     """Everything a run depends on, validated on construction. The fields are the keys of config files."""
 
+    task: str = _option("vision", "what to train: vision (ViT, images) or language (GPT-2, bytes)", choices=TASKS)
+    data: str | None = _option(
+        None,
+        "your own data: vision, an image folder or .npz file; language, a text file or a folder of them "
+        "(default: scikit-learn's digits / CPython's pydoc text)",
+        metavar="PATH",
+    )
+    model: dict[str, Any] = _option({}, "overrides of the task's HF model config, e.g. {'hidden_size': 128}", cli=False)
+    block_size: int = _option(128, "language: context length in bytes", metavar="N")
+    image_size: int | None = _option(None, "vision: resize your own images to this square size", metavar="N")
+    init_from: str | None = _option(
+        None, "start from the weights of a finished run (its folder) of the same task, e.g. a dense one", metavar="DIR"
+    )
+    diagnostics: bool = _option(True, "log gradient-noise, second-moment and mask-flip statistics with the loss")
     method: str = _option("mdgf-exp", "training method", choices=METHODS)
     sparsity: dict[str, str] = _option({"ff": "1:16"}, "target pattern per role, e.g. {'ff': '1:16', 'qk': '1:8'}")
     steps: int = _option(1000, "optimizer steps", metavar="N")
@@ -151,7 +162,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if not _matches(value, hints[f.name]):
                 raise ConfigError(f"{f.name} must be {_describe(hints[f.name])}, got {value!r}")
-        for name in ("steps", "threads", "batch_size", "eval_every", "log_every", "save_every", "keep_checkpoints"):
+        positive = ("steps", "threads", "batch_size", "eval_every", "log_every", "save_every", "keep_checkpoints")
+        for name in (*positive, "block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("seed", "data_seed"):
@@ -164,6 +176,8 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ConfigError(f"image_size must be >= 1, got {self.image_size!r}")
         if self.out is not None and not self.out.strip():
             raise ConfigError("out must name a folder, got an empty string")
         _check_device(self.device)
@@ -315,7 +329,7 @@ def train(
 ) -> dict[str, Any]:
     """Run ``config`` from data to saved model and return the summary (also written to ``summary.json``).
 
-    A `ConfigError` (bad output folder, a recipe that does not fit the model) comes before anything is
+    A `ConfigError` (bad output folder, data, or a recipe that does not fit the model) comes before anything is
     written. ``overwrite`` allows writing into a non-empty output folder; ``verbose=False`` prints nothing.
     ``resume=True`` continues the run in ``config.out`` from its newest checkpoint (see `resume_config`).
     """
@@ -328,18 +342,29 @@ def train(
             "every process trains on an equal share of the global batch"
         )
     with _process_group(ranks, config.device) as device, _torch_threads(config.threads):
+        task = build_task(
+            config.task,
+            data=config.data,
+            data_seed=config.data_seed,
+            model=config.model,
+            device=device,
+            block_size=config.block_size,
+            image_size=config.image_size,
+        )
         out = Path(config.out) if resume else _shared_output_folder(config, overwrite, ranks)
         verbose = verbose and ranks.is_main
         recipe = config.recipe()
-        data = load_digits_splits(config.data_seed)
-        train_split, val_split = data.train.to(device), data.val.to(device)
 
         torch.manual_seed(config.seed)
-        model = _build_model().to(device)
+        model = task.build_model()
+        if config.init_from is not None and not resume:
+            _load_initial_weights(model, config.init_from)
         sp = sparsify(model, recipe, total_steps=config.steps, verbose=verbose)  # checks the recipe fits the model
+        per_example = count_inference_flops(model, **task.example_inputs(), densities=final_densities(sp))
         optimizer = _optimizer(model, config)
+        diagnostics = StepDiagnostics(sp, optimizer) if config.diagnostics else None
         batch_rng = torch.Generator().manual_seed(config.seed)  # the same global batches in every process
-        batches = batch_indices(len(train_split), config.batch_size, batch_rng)
+        batches = task.train_batches(config.batch_size, batch_rng)
         share = config.batch_size // ranks.world_size
         own = slice(ranks.rank * share, (ranks.rank + 1) * share)
 
@@ -360,28 +385,36 @@ def train(
                 lr = learning_rate(step, config)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = next(batches)[own].to(device)
-                logits = forward(pixel_values=train_split.images[batch]).logits
-                loss = F.cross_entropy(logits, train_split.labels[batch])  # mean: DDP averages the gradients
+                done = step + 1
+                logged = done % config.log_every == 0 or done == config.steps
+                batch = {name: tensor[own] for name, tensor in next(batches).items()}
+                loss = task.loss(forward, batch)  # mean: DDP averages the gradients
                 loss.backward()
+                if logged and diagnostics is not None:
+                    diagnostics.after_backward()
                 if config.grad_clip > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 sp.step()
 
-                done = step + 1
-                if done % config.log_every == 0 or done == config.steps:
+                evaluated = done % config.eval_every == 0 and done < config.steps and ranks.is_main
+                if logged or evaluated:
+                    flops = training_flops_until(sp, per_example, config.batch_size, done)
+                if logged:
                     loss_value = _global_mean(loss.detach(), ranks)
                     line = {"step": done, "loss": loss_value, "lr": lr, "phase": str(status.phase), "D": status.decay}
-                    _write_line(metrics, {**line, "patterns": status.by_key})
+                    line |= {"patterns": status.by_key, "density": status.density, "train_flops": flops}
+                    if diagnostics is not None:
+                        line |= diagnostics.after_step()
+                    _write_line(metrics, line)
                     _log_scalars(board, done, {"train/loss": line["loss"], "train/lr": lr, "train/D": status.decay})
-                    _log_scalars(board, done, {f"density/{k}": d for k, d in status.density.items()})
+                    _log_scalars(board, done, _flat_scalars(line))
                     progress.set_postfix(loss=f"{line['loss']:.3f}", phase=line["phase"], refresh=False)
-                if done % config.eval_every == 0 and done < config.steps and ranks.is_main:
-                    val_loss, val_accuracy = evaluate(model, val_split)
-                    _write_line(metrics, {"step": done, "val_loss": val_loss, "val_accuracy": val_accuracy})
-                    _log_scalars(board, done, {"val/loss": val_loss, "val/accuracy": val_accuracy})
+                if evaluated:
+                    scores = task.evaluate(model, "val")
+                    _write_line(metrics, {"step": done, **_prefixed("val", scores, task), "train_flops": flops})
+                    _log_scalars(board, done, {f"val/{k}": scores[k] for k in ("loss", task.metric)})
                 if done % config.save_every == 0 or done == config.steps:
                     if ranks.is_main:
                         if board is not None:
@@ -392,36 +425,40 @@ def train(
 
             sp.finalize()  # exact N:M zeros in the weights, the same in every process; plain modules from here on
             layers = sp.verify()  # raises if any group holds more than N non-zeros
-            val_loss, val_accuracy = evaluate(model, val_split)
-            final = {"step": config.steps, "finalized": True, "val_loss": val_loss, "val_accuracy": val_accuracy}
-            _write_line(metrics, final)
-            _log_scalars(board, config.steps, {"val/loss": val_loss, "val/accuracy": val_accuracy})
+            val = task.evaluate(model, "val")
+            final = {"step": config.steps, "finalized": True, **_prefixed("val", val, task)}
+            _write_line(metrics, {**final, "train_flops": training_flops(sp, per_example, config.batch_size)})
+            _log_scalars(board, config.steps, {f"val/{k}": val[k] for k in ("loss", task.metric)})
         if board is not None:
             board.close()
-        test_loss, test_accuracy = evaluate(model, data.test.to(device))  # the only look at the test split
+        test = task.evaluate(model, "test")  # the only look at the test split
         if ranks.is_main:
             with _quiet_transformers_progress():
                 model.save_pretrained(out)
 
     summary = {
+        "task": task.name,
+        "metric": task.metric,
         "method": config.method,
         "sparsity": recipe.to_dict()["sparsity"],
         "steps": config.steps,
         "seed": config.seed,
         "data_seed": config.data_seed,
+        "init_from": config.init_from,
         "phases": _phases(sp),
         "beta": recipe.resolved_beta(config.steps),
-        "test_accuracy": test_accuracy,
-        "test_loss": test_loss,
-        "test_examples": len(data.test),
-        "val_accuracy": val_accuracy,
-        "val_loss": val_loss,
+        **_prefixed("test", test, task),
+        "test_examples": test["examples"],  # images, or predicted bytes
+        "test_data": task.describe(),
+        **_prefixed("val", val, task),
         "layers": layers,
         "sparsified_weights": {"kept": sum(r["kept"] for r in layers), "total": sum(r["total"] for r in layers)},
         "model_parameters": {
             "nonzero": sum(int(p.count_nonzero()) for p in model.parameters()),
             "total": sum(p.numel() for p in model.parameters()),
         },
+        "inference_flops": {"dense": per_example.dense_total, "sparse": round(per_example.total)},
+        "training_flops": training_flops(sp, per_example, config.batch_size),
         "wall_time_s": round(time.perf_counter() - started, 1),
         "out": str(out),
         "nmflow_version": __version__,
@@ -433,28 +470,32 @@ def train(
     return summary
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy on ``split`` in eval mode; leaves the model in train mode."""
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(split), EVAL_BATCH_SIZE):
-        images, labels = split.images[start : start + EVAL_BATCH_SIZE], split.labels[start : start + EVAL_BATCH_SIZE]
-        logits = model(pixel_values=images).logits
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += int((logits.argmax(-1) == labels).sum())
-    model.train()
-    return loss_sum / len(split), correct / len(split)
+def _prefixed(split: str, scores: Mapping[str, float], task: Task) -> dict[str, float]:
+    """``{"loss": .., "accuracy": ..}`` -> ``{"val_loss": .., "val_accuracy": ..}``: the loss and the task's metric."""
+    return {f"{split}_{name}": scores[name] for name in ("loss", task.metric)}
+
+
+def _flat_scalars(line: Mapping[str, Any]) -> dict[str, float]:
+    """The per-key statistics of a metrics line as TensorBoard tags, e.g. ``grad_abs_var/ff``."""
+    return {
+        f"{name}/{key}": value
+        for name in ("density", "flip_rate", "grad_abs_var", "exp_avg_sq_var", "exp_avg_sq_norm")
+        for key, value in line.get(name, {}).items()
+    }
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
     """The summary as printed at the end of a run."""
     sparsity = ", ".join(f"{role}={pattern}" for role, pattern in summary["sparsity"].items()) or "no targets"
-    lines = [
-        f"nmflow train: {summary['method']} ({sparsity}), {summary['steps']} steps, seed {summary['seed']}",
-        f"  test accuracy        {summary['test_accuracy']:.1%} on {summary['test_examples']} held-out digits",
-        f"  validation accuracy  {summary['val_accuracy']:.1%}",
-    ]
+    header = f"{summary['task']}, {summary['method']} ({sparsity}), {summary['steps']} steps, seed {summary['seed']}"
+    lines = [f"nmflow train: {header}"]
+    for split, label in (("test", "test"), ("val", "validation")):
+        if summary["metric"] == "accuracy":
+            name, score = "accuracy", f"{summary[f'{split}_accuracy']:.1%}"
+        else:
+            name, score = "loss", f"{summary[f'{split}_loss']:.4f} (perplexity {summary[f'{split}_perplexity']:.3f})"
+        where = f" on {summary['test_data']}" if split == "test" else ""
+        lines.append(f"  {label + ' ' + name:<20} {score}{where}")
     if summary["layers"]:
         lines.append(f"  sparsified layers    {len(summary['layers'])}, patterns checked after finalize:")
         width = max(len(r["layer"]) for r in summary["layers"])
@@ -465,8 +506,11 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     kept, params = summary["sparsified_weights"], summary["model_parameters"]
     if kept["total"]:
         lines.append(f"  sparsified weights   {_fraction(kept['kept'], kept['total'])} kept")
+    flops = summary["inference_flops"]
     lines += [
         f"  model parameters     {_fraction(params['nonzero'], params['total'])} non-zero",
+        f"  inference FLOPs      {flops['sparse']:,} per example ({flops['sparse'] / flops['dense']:.1%} of dense)",
+        f"  training FLOPs       {summary['training_flops']:.3g}",
         f"  wall time            {summary['wall_time_s']:.1f} s",
         f"  output               {summary['out']}/ (config.yaml, metrics.jsonl, summary.json, model.safetensors,",
         "                       checkpoints/, and tensorboard/ when enabled)",
@@ -489,13 +533,35 @@ def _output_folder(config: TrainConfig, overwrite: bool) -> Path:
     return out
 
 
-def _build_model() -> nn.Module:
-    """A randomly initialized ViT (nothing is downloaded), seeded by the caller."""
-    from transformers import ViTConfig, ViTForImageClassification
+def _load_initial_weights(model: nn.Module, run: str) -> None:
+    """Copy the weights of a finished run (``run/model.safetensors``) into the freshly built ``model``.
 
-    digits = {i: str(i) for i in range(VIT_CONFIG["num_labels"])}
-    config = ViTConfig(**VIT_CONFIG, id2label=digits, label2id={name: i for i, name in digits.items()})
-    return ViTForImageClassification(config)
+    The model must be the same (task and model overrides); weights tied to a loaded one may be absent from the file,
+    as ``save_pretrained`` writes them once.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(run) / "model.safetensors" if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise ConfigError(f"init_from {run}: no model.safetensors there; give the folder of a finished run")
+    try:
+        state = load_file(str(path), device=str(next(model.parameters()).device))
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"init_from {path}: cannot read the weights: {err}") from None
+    loaded = {id(model.get_parameter(name)) for name in state if name in dict(model.named_parameters())}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"init_from {path}: the weights do not fit this model (same task and model?): {err}"
+        ) from None
+    untied = [name for name in result.missing_keys if id(model.get_parameter(name)) not in loaded]
+    if untied or result.unexpected_keys:
+        raise ConfigError(
+            f"init_from {path}: the weights do not fit this model (same task and model?); "
+            f"missing {untied[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

@@ -1,0 +1,290 @@
+"""`nmflow sweep SPEC.yaml`: train a grid of tasks x methods x patterns x seeds, several runs at once.
+
+A spec names the grid; every key is checked, and every run's config and recipe validated against its model,
+before the first run starts::
+
+    seeds: [0, 1, 2]
+    methods: [dense, srste, mdgf-exp]
+    patterns: ["1:16", "1:32"]          # a bare N:M sparsifies the FF layers; or {ff: "1:16", qk: "1:8"}
+    config: {log_every: 20}             # nmflow train keys shared by every run
+    tasks:
+      vision: {steps: 1000}             # a task name, with its own train keys
+      language: {steps: 400, batch_size: 32}
+      language-finetune:                # any name, with `task:` saying which task it runs
+        task: language
+        pretrain_steps: 400             # the fine-tune protocol: a dense run first, every run continues from it
+        steps: 200
+        methods: [dense, srste]         # seeds, methods and patterns may be given per task too
+
+Each run has its own folder, ``OUT/<task name>/<pattern>/<method>/seed-<s>`` (the dense method once per seed,
+``OUT/<task name>/dense/seed-<s>``), holding ``run.yaml`` (what the sweep asked for), ``log.txt`` and what
+`nmflow train` writes. Run again, the sweep skips finished runs, resumes interrupted ones from their newest
+checkpoint and retries failed ones; a finished run's checkpoints are deleted (its model stays). A run that
+fails gets a ``failed.json`` (exit status and the end of its log), which `nmflow report` lists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from nmflow.errors import ConfigError, NmflowError
+from nmflow.masks import NMPattern
+from nmflow.recipes import METHODS
+
+__all__ = ["Run", "plan_sweep", "run_sweep"]
+
+GRID_KEYS = ("seeds", "methods", "patterns")
+SPEC_KEYS = (*GRID_KEYS, "config", "tasks")
+TASK_KEYS = (*GRID_KEYS, "task", "pretrain_steps")
+RUN_OWNED = ("method", "sparsity", "seed", "out", "init_from")  # the sweep sets these per run
+LOG_TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of the grid: its folder (relative to the sweep's), its train config, and the run it starts from."""
+
+    name: str
+    config: dict[str, Any]
+    after: str | None = None  # the pretraining run this one continues from
+
+
+def read_spec(path: str | Path) -> dict[str, Any]:
+    from nmflow.train import read_config_file
+
+    try:
+        return read_config_file(path)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("config file", "sweep spec", 1)) from None
+
+
+def plan_sweep(spec: Mapping[str, Any]) -> list[Run]:
+    """Every run of ``spec``, pretraining runs first; raises one `ConfigError` listing all that is wrong."""
+    from nmflow.tasks import TASKS
+    from nmflow.train import TrainConfig
+
+    problems: list[str] = []
+    train_keys = {f.name for f in fields(TrainConfig)} - set(RUN_OWNED)
+    problems += [f"unknown key {k!r} (known: {', '.join(SPEC_KEYS)})" for k in sorted(set(spec) - set(SPEC_KEYS))]
+    shared = spec.get("config") or {}
+    if not isinstance(shared, Mapping):
+        problems.append("config must be a mapping of nmflow train keys")
+        shared = {}
+    problems += [f"config: {_key_problem(k, train_keys)}" for k in sorted(set(shared) - train_keys)]
+    tasks = spec.get("tasks")
+    if not isinstance(tasks, Mapping) or not tasks:
+        problems.append(f"tasks must map task names to their settings, e.g. {{vision: {{steps: 1000}}}} ({TASKS})")
+        tasks = {}
+
+    runs: list[Run] = []
+    for label, settings in tasks.items():
+        settings = dict(settings or {})
+        where = f"tasks.{label}"
+        bad_keys = sorted(set(settings) - set(TASK_KEYS) - train_keys)
+        problems += [f"{where}: {_key_problem(k, train_keys | set(TASK_KEYS))}" for k in bad_keys]
+        task = settings.pop("task", label)
+        if task not in TASKS:
+            problems.append(f"{where}: unknown task {task!r} (known: {', '.join(TASKS)}; or give task: <name>)")
+            continue
+        grid = {key: settings.pop(key, spec.get(key)) for key in GRID_KEYS}
+        pretrain_steps = settings.pop("pretrain_steps", None)
+        seeds, methods, patterns = _check_grid(grid, where, problems)
+        base = {**shared, **{k: v for k, v in settings.items() if k not in bad_keys}, "task": task}
+        for seed in seeds:
+            after = None
+            if pretrain_steps is not None:
+                after = f"{label}/pretrain/seed-{seed}"
+                pretrain = {**base, "method": "dense", "steps": pretrain_steps, "seed": seed}
+                runs.append(Run(after, {**pretrain, "sparsity": patterns[0] if patterns else {}}))
+            for method in methods:
+                for sparsity in patterns[:1] if method == "dense" else patterns:
+                    folder = "dense" if method == "dense" else f"{_pattern_label(sparsity)}/{method}"
+                    config = {**base, "method": method, "sparsity": sparsity, "seed": seed}
+                    runs.append(Run(f"{label}/{folder}/seed-{seed}", config, after))
+    problems += _check_runs(runs)
+    if problems:
+        raise ConfigError("the sweep spec is not valid:\n  " + "\n  ".join(problems))
+    return sorted(runs, key=lambda run: run.after is not None)  # stable: pretraining first, grid order otherwise
+
+
+def _key_problem(key: str, known: set[str]) -> str:
+    owned = f" (the sweep sets {key} per run)" if key in RUN_OWNED else ""
+    return f"unknown key {key!r}{owned}" if owned else f"unknown key {key!r}; known: {', '.join(sorted(known))}"
+
+
+def _check_grid(grid: Mapping[str, Any], where: str, problems: list[str]) -> tuple[list, list, list]:
+    seeds, methods, patterns = (grid[key] if isinstance(grid[key], list) else None for key in GRID_KEYS)
+    for key, values in zip(GRID_KEYS, (seeds, methods, patterns)):
+        if not values:
+            problems.append(f"{where}: {key} must be a non-empty list (here or at the top of the spec)")
+    seeds = [s for s in seeds or [] if isinstance(s, int) and not isinstance(s, bool) and s >= 0] or []
+    problems += [f"{where}: seed {s!r} is not a whole number >= 0" for s in grid["seeds"] or [] if s not in seeds]
+    unknown = [m for m in methods or [] if m not in METHODS]
+    if unknown:
+        problems.append(f"{where}: unknown methods {', '.join(map(repr, unknown))} (known: {', '.join(METHODS)})")
+    checked = []
+    for pattern in patterns or []:
+        sparsity = {"ff": pattern} if isinstance(pattern, str) else pattern
+        try:
+            if not isinstance(sparsity, Mapping) or not sparsity:
+                raise ConfigError("give N:M or a mapping of roles to N:M")
+            for value in sparsity.values():
+                NMPattern.parse(value)
+            checked.append(dict(sparsity))
+        except ConfigError as err:
+            problems.append(f"{where}: pattern {pattern!r}: {err}")
+    return seeds, [m for m in methods or [] if m in METHODS], checked
+
+
+def _check_runs(runs: list[Run]) -> list[str]:
+    """Each run's config and recipe, checked against its task's model (one model built per task and overrides)."""
+    from nmflow.targets import resolve_targets
+    from nmflow.tasks import build_task
+    from nmflow.train import TrainConfig
+
+    problems, models = [], {}
+    for run in runs:
+        try:
+            config = TrainConfig.from_dict(run.config)
+            key = json.dumps([config.task, config.data, config.model, config.block_size, config.image_size])
+            if key not in models:
+                task = build_task(
+                    config.task,
+                    data=config.data,
+                    data_seed=config.data_seed,
+                    model=config.model,
+                    device="cpu",
+                    block_size=config.block_size,
+                    image_size=config.image_size,
+                )
+                models[key] = task.build_model()
+            resolve_targets(models[key], config.recipe())
+        except (ConfigError, NmflowError) as err:
+            problem = f"{run.name}: {err}"
+            if problem not in problems:
+                problems.append(problem)
+    return problems
+
+
+def _pattern_label(sparsity: Mapping[str, str]) -> str:
+    """``{"ff": "1:16", "qk": "1:8"}`` -> ``ff_1-16+qk_1-8``: a folder name on every file system."""
+    return "+".join(f"{role}_{pattern.replace(':', '-')}" for role, pattern in sparsity.items()).replace("re:", "re-")
+
+
+# ----------------------------------------------------------------------------- running
+def run_sweep(spec_path: str | Path, out: str | Path, jobs: int | None = None, verbose: bool = True) -> dict[str, int]:
+    """Run every unfinished run of the spec into ``out``, ``jobs`` at a time; returns counts by outcome."""
+    spec = read_spec(spec_path)
+    runs = plan_sweep(spec)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"sweep output {out} is a file")
+    changed = [run.name for run in runs if _requested(out / run.name) not in (None, _with_start(run, out))]
+    if changed:
+        raise ConfigError(
+            f"{len(changed)} runs in {out} were started with other settings ({', '.join(changed[:3])}...); "
+            "give the sweep another output folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(spec_path, out / "sweep.yaml")
+    jobs = jobs or len(os.sched_getaffinity(0))
+    if jobs < 1:
+        raise ConfigError(f"jobs must be >= 1, got {jobs}")
+
+    outcome = {run.name: "finished" for run in runs if (out / run.name / "summary.json").is_file()}
+    pending = [run for run in runs if run.name not in outcome]
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    say = print if verbose else lambda *_: None
+    say(f"nmflow sweep: {len(runs)} runs, {len(outcome)} already finished, {len(pending)} to go, {jobs} at a time")
+    try:
+        while pending or running:
+            for name, (process, started) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                del running[name]
+                outcome[name] = _collect(out / name, process.returncode)
+                say(_progress_line(len(outcome), len(runs), name, outcome[name], out / name, started))
+            for run in list(pending):
+                if len(running) >= jobs:
+                    break
+                if run.after is not None and run.after not in outcome:
+                    continue  # its pretraining run is still going
+                pending.remove(run)
+                if run.after is not None and outcome[run.after] != "finished":
+                    outcome[run.name] = _fail(out / run.name, f"its pretraining run {run.after} failed")
+                    say(_progress_line(len(outcome), len(runs), run.name, "failed", out / run.name, None))
+                    continue
+                running[run.name] = (_start(out, run), time.perf_counter())
+            time.sleep(0.2)
+    finally:
+        for process, _ in running.values():  # interrupted: the runs resume from their checkpoints next time
+            process.terminate()
+    counts = {state: list(outcome.values()).count(state) for state in ("finished", "failed")}
+    say(f"nmflow sweep: {counts['finished']} finished, {counts['failed']} failed; nmflow report {out}")
+    return counts
+
+
+def _requested(folder: Path) -> dict[str, Any] | None:
+    path = folder / "run.yaml"
+    return read_spec(path) if path.is_file() else None
+
+
+def _with_start(run: Run, out: Path) -> dict[str, Any]:
+    """The run's config as `nmflow train` takes it: a continued run names the folder of its pretraining run."""
+    return run.config if run.after is None else {**run.config, "init_from": str(out / run.after)}
+
+
+def _start(out: Path, run: Run) -> subprocess.Popen:
+    folder = out / run.name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "failed.json").unlink(missing_ok=True)
+    _write_yaml(folder / "run.yaml", _with_start(run, out))
+    command = [sys.executable, "-m", "nmflow", "train"]
+    if (folder / "checkpoints").is_dir() and (folder / "config.yaml").is_file():
+        command += ["--resume", str(folder)]
+    else:
+        command += ["--config", str(folder / "run.yaml"), "--out", str(folder), "--overwrite"]
+    with open(folder / "log.txt", "a") as log:  # the child keeps its own copy of the file descriptor
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def _collect(folder: Path, returncode: int) -> str:
+    if returncode == 0 and (folder / "summary.json").is_file():
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        return "finished"
+    tail = (folder / "log.txt").read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+    (folder / "failed.json").write_text(json.dumps({"returncode": returncode, "error": "\n".join(tail)}, indent=2))
+    return "failed"
+
+
+def _fail(folder: Path, reason: str) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "failed.json").write_text(json.dumps({"returncode": None, "error": reason}, indent=2))
+    return "failed"
+
+
+def _progress_line(done: int, total: int, name: str, state: str, folder: Path, started: float | None) -> str:
+    line = f"[{done}/{total}] {state:<8} {name}"
+    if state == "finished":
+        summary = json.loads((folder / "summary.json").read_text())
+        metric = summary["metric"]
+        score = summary[f"test_{metric}"]
+        line += f"  test {metric} {score:.1%}" if metric == "accuracy" else f"  test loss {summary['test_loss']:.4f}"
+    if started is not None:
+        line += f"  {time.perf_counter() - started:.0f} s"
+    return line
+
+
+def _write_yaml(path: Path, data: Mapping[str, Any]) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(dict(data), sort_keys=False))
