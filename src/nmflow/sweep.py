@@ -56,6 +56,7 @@ class Run:
     name: str
     config: dict[str, Any]
     after: str | None = None  # the pretraining run this one continues from
+    pattern_index: int = 0  # position of its pattern in the spec's list
 
 
 def read_spec(path: str | Path) -> dict[str, Any]:
@@ -106,14 +107,20 @@ def plan_sweep(spec: Mapping[str, Any]) -> list[Run]:
                 pretrain = {**base, "method": "dense", "steps": pretrain_steps, "seed": seed}
                 runs.append(Run(after, {**pretrain, "sparsity": patterns[0] if patterns else {}}))
             for method in methods:
-                for sparsity in patterns[:1] if method == "dense" else patterns:
+                for index, sparsity in enumerate(patterns[:1] if method == "dense" else patterns):
                     folder = "dense" if method == "dense" else f"{_pattern_label(sparsity)}/{method}"
                     config = {**base, "method": method, "sparsity": sparsity, "seed": seed}
-                    runs.append(Run(f"{label}/{folder}/seed-{seed}", config, after))
+                    runs.append(Run(f"{label}/{folder}/seed-{seed}", config, after, index))
     problems += _check_runs(runs)
     if problems:
         raise ConfigError("the sweep spec is not valid:\n  " + "\n  ".join(problems))
-    return sorted(runs, key=lambda run: run.after is not None)  # stable: pretraining first, grid order otherwise
+    return sorted(runs, key=_order)
+
+
+def _order(run: Run) -> tuple:
+    """Pretraining, then the dense references, then pattern by pattern in the spec's order, every task and seed
+    of a pattern together: a sweep stopped early has whole patterns, with all their seeds, to report."""
+    return (run.config["method"] != "dense", run.pattern_index)  # a continued run waits for its pretraining
 
 
 def _key_problem(key: str, known: set[str]) -> str:

@@ -42,6 +42,8 @@ GPT2_CONFIG = {
     "resid_pdrop": 0.0,  # no dropout: short runs, and seed-to-seed spread that comes from the recipe only
     "embd_pdrop": 0.0,
     "attn_pdrop": 0.0,
+    "bos_token_id": None,  # GPT-2's 50256 is no byte
+    "eos_token_id": None,
 }
 """The language model: a 2-layer GPT-2 of width 128 over 256 byte values; the context length is ``block_size``."""
 
