@@ -198,7 +198,7 @@ def training_flops_until(sp: Sparsifier, per_example: FlopsCount, examples_per_s
     if missing:
         raise ConfigError(f"per_example has no weight row for the sparsified modules {missing}; count the same model")
     fixed = 3 * (per_example.dense_total - sum(weight_rows[name] for name in {t.name for t in sp.targets}))
-    bounds = sorted({0, step} | {b for b in _change_points(sp) if b < step})
+    bounds = sorted({0, step} | {b for b in sp.change_points() if b < step})
     total = 0
     for start, stop in zip(bounds, bounds[1:]):
         soft = (decay := sp.decay_at(start)) is not None and decay > 0
@@ -208,21 +208,3 @@ def training_flops_until(sp: Sparsifier, per_example: FlopsCount, examples_per_s
             per_step += weight_rows[name] * (2 * s + (s if sp.recipe.method == "oneshot" else 1.0))
         total += (stop - start) * per_step
     return round(total * examples_per_step)
-
-
-def _change_points(sp: Sparsifier) -> set[int]:
-    """Steps at which the patterns or the soft/binary state of the masks may change."""
-    plan = sp.plan
-    points = {plan.sparse_start, plan.finetune_start}
-    window = plan.finetune_start - plan.sparse_start
-    for t in sp.targets:
-        for seg in t.segments:
-            count = len(seg.sequence)
-            points.update(plan.sparse_start - (-i * window // count) for i in range(count))
-    lo, hi = plan.sparse_start, plan.finetune_start  # D only falls: find the first step of a binary mask
-    while lo < hi:
-        mid = (lo + hi) // 2
-        decay = sp.decay_at(mid)
-        lo, hi = (mid + 1, hi) if decay is not None and decay > 0 else (lo, mid)
-    points.add(lo)
-    return points

@@ -14,7 +14,6 @@ one-shot recipe).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -107,23 +106,31 @@ class Sparsifier:
             return tuple(seg.target for seg in target.segments)
         return tuple(seg.sequence[self.plan.interval(step, len(seg.sequence))] for seg in target.segments)
 
-    def schedule_states(self) -> int:
-        """How many distinct (patterns, decaying) states the run passes through.
-
-        Under ``torch.compile`` each state is one graph, and dynamo stops compiling past
-        ``torch._dynamo.config.recompile_limit`` (8 by default) graphs per function.
-        """
+    def change_points(self) -> list[int]:
+        """The steps at which the patterns, or whether the masks are soft (D > 0), may change; sorted, from 0."""
         plan = self.plan
-        starts = {0, plan.sparse_start, plan.finetune_start, plan.total_steps}
+        points = {0, plan.sparse_start, plan.finetune_start}
         window = plan.finetune_start - plan.sparse_start
         for t in self.targets:
             for seg in t.segments:
                 count = len(seg.sequence)
-                starts.update(plan.sparse_start + -(-i * window // count) for i in range(count))
-        if self.recipe.method == "mdgf-linear":  # D reaches 0 and the masks turn binary
-            starts.add(plan.sparse_start + math.ceil(1 / self.recipe.resolved_beta(self.total_steps)))
+                points.update(plan.sparse_start + -(-i * window // count) for i in range(count))
+        lo, hi = plan.sparse_start, plan.finetune_start  # D only falls: the first step of binary masks
+        while lo < hi:
+            mid = (lo + hi) // 2
+            decay = self.decay_at(mid)
+            lo, hi = (mid + 1, hi) if decay is not None and decay > 0 else (lo, mid)
+        points.add(lo)
+        return sorted(p for p in points if p < plan.total_steps)
+
+    def schedule_states(self) -> int:
+        """How many distinct (patterns, soft masks) states the run passes through.
+
+        Under ``torch.compile`` each state is one graph, and dynamo stops compiling past
+        ``torch._dynamo.config.recompile_limit`` (8 by default) graphs per function.
+        """
         states = set()
-        for step in starts:
+        for step in self.change_points():
             decay = self.decay_at(step)
             states.add((tuple(self.patterns_at(t, step) for t in self.targets), bool(decay)))
         return len(states)
