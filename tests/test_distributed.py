@@ -185,7 +185,7 @@ def fsdp_worker(rank: int, port: int, method: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method", ["mdgf-exp", "srste", "oneshot"])
+@pytest.mark.parametrize("method", ["mdgf-exp", "srste", "oneshot", "sdgf-stepwise", "sdgf-geometric"])
 def test_fsdp2_sharded_training_matches_one_process_and_finalizes_from_a_full_checkpoint(method, tmp_path):
     ranks = spawn(fsdp_worker, method, tmp_path)
     expected = reference(method)
@@ -201,6 +201,71 @@ def test_fsdp2_sharded_training_matches_one_process_and_finalizes_from_a_full_ch
     for name in TARGETS[1:3]:
         assert (nonzeros_per_group(final[f"{name}.weight"], 4, in_dim=1) == 1).all()
     assert (nonzeros_per_group(final["blocks.0.attn.qkv.weight"][:32], 4, in_dim=1) == 2).all()
+
+
+# ------------------------------------------------------------------ FSDP2 on GPT-2 (Conv1D: [in, out] weights)
+GPT2_SMALL = {"vocab_size": 32, "n_positions": 8, "n_embd": 16, "n_layer": 2, "n_head": 2}
+
+
+def build_gpt2(method: str):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**GPT2_SMALL, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    recipe = nmflow.Recipe(method, {"ff": "1:4", "qk": "2:4"}, dense_steps=3, finetune_steps=3)
+    return model, nmflow.sparsify(model, recipe, STEPS, verbose=False)
+
+
+def train_gpt2(model, sp, rank: int, world_size: int) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    share = GLOBAL_BATCH // world_size
+    for _ in range(STEPS):
+        ids = torch.randint(0, GPT2_SMALL["vocab_size"], (GLOBAL_BATCH, 9), generator=gen)[rank * share :][:share]
+        logits = model(input_ids=ids[:, :-1]).logits
+        F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sp.step()
+
+
+def fsdp_gpt2_worker(rank: int, port: int, method: str, out_dir: str) -> None:
+    """FSDP2 shards dim 0, which is the *input* dimension of a Conv1D weight: the N:M groups are split across
+    ranks, so the mask must come from the gathered weight in the forward pass, never from a shard."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+        model, sp = build_gpt2(method)
+        masks = record_forward_masks(sp)
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        fc = model.transformer.h[0].mlp.c_fc.parametrizations.weight.original
+        train_gpt2(model, sp, rank, WORLD_SIZE)
+        trained = {name: p.detach().full_tensor() for name, p in model.named_parameters()}
+        torch.save(
+            {"masks": masks, "trained": trained, "fc_local": list(fc.to_local().shape)}, Path(out_dir) / f"{rank}.pt"
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["sdgf-stepwise", "srste"])
+def test_fsdp2_on_gpt2_conv1d_weights_sharded_across_groups_matches_one_process(method, tmp_path):
+    mp.spawn(fsdp_gpt2_worker, args=(free_port(), method, str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    model, sp = build_gpt2(method)
+    expected_masks = record_forward_masks(sp)
+    train_gpt2(model, sp, rank=0, world_size=1)
+    expected = {name: p.detach() for name, p in model.named_parameters()}
+    for rank in range(WORLD_SIZE):
+        record = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        assert record["fc_local"] == [8, 64]  # c_fc is [16 in, 64 out]: each rank holds half of every group
+        for name, per_forward in expected_masks.items():
+            for step, mask in enumerate(per_forward):
+                assert torch.equal(record["masks"][name][step], mask), f"{name}: forward {step} used another mask"
+        torch.testing.assert_close(record["trained"], expected, **TOLERANCE)
+    assert not expected_masks["transformer.h.0.mlp.c_fc"][-1].all()  # sparse masks were compared
 
 
 def sparsify_after_shard_worker(rank: int, port: int, out_dir: str) -> None:
