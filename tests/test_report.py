@@ -254,3 +254,17 @@ def test_summary_only_runs_still_report(tmp_path):
     assert f"| ff=1:16 | **{accuracy.mean():.1f} ± {accuracy.std(ddof=1):.1f}** |" in text
     assert "gradient noise: skipped" in text and "mask flip rate: skipped" in text
     assert "plots/vision-vs-sparsity.png" in text  # drawn from the summaries alone
+
+
+def test_the_decaying_recipe_compared_with_srste_is_chosen_on_validation(tmp_path):
+    # mdgf-exp is best on test, sdgf-stepwise on validation: the comparison must not peek at the test split
+    scores = {"srste": (0.80, 0.80), "mdgf-exp": (0.90, 0.70), "sdgf-stepwise": (0.75, 0.85)}  # (test, val)
+    for method, (test, val) in scores.items():
+        for seed in range(2):
+            config = {"task": "vision", "method": method, "sparsity": {"ff": "1:16"}, "seed": seed, "steps": STEPS}
+            summary = {**config, "metric": "accuracy", "test_accuracy": test + seed / 100, "val_accuracy": val}
+            _write_run(tmp_path / method / str(seed), config, summary, [])
+    (group,) = summarize(collect_runs(tmp_path))
+    (comparison,) = group.comparisons
+    assert comparison.method == "sdgf-stepwise"
+    assert comparison.difference == pytest.approx((0.75 - 0.80) * 100)
