@@ -239,3 +239,31 @@ def test_example_script_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "1:16" in result.stdout and "exact" in result.stdout
+
+
+# ---------------------------------------------------------------------- several processes under Accelerate
+def _accelerate_worker(output_dir: str) -> None:
+    """One process of `accelerate.debug_launcher` (what `accelerate launch --num_processes 2 --cpu` sets up)."""
+    torch.set_num_threads(1)
+    trainer, callback, weights = train("srste", output_dir, save_strategy="no")
+    rank = trainer.args.process_index
+    logs = [(entry["step"], entry["nmflow/D"]) for entry in nmflow_logs(trainer)]
+    record = {"world": trainer.args.world_size, "steps": callback.sparsifier.step_count, "logs": logs, **weights}
+    torch.save(record, Path(output_dir) / f"rank{rank}.pt")
+
+
+def test_trainer_under_accelerate_with_two_processes_keeps_ranks_identical(tmp_path):
+    from accelerate import debug_launcher
+
+    debug_launcher(_accelerate_worker, args=(str(tmp_path),), num_processes=2)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]  # really two data-parallel processes
+    assert [r["steps"] for r in ranks] == [TOTAL, TOTAL]
+    for name, tensor in ranks[0].items():
+        if isinstance(tensor, torch.Tensor):
+            assert torch.equal(tensor, ranks[1][name]), f"{name} differs between ranks"
+    model = tiny_gpt2()
+    model.load_state_dict({k: v for k, v in ranks[0].items() if isinstance(v, torch.Tensor)})
+    for name in FF_LAYERS:
+        weight = dict(model.named_modules())[name].weight
+        assert nonzeros_per_group(weight, 16, in_dim=0).max() == 1

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -137,3 +138,27 @@ def test_schedule_state_count_matches_a_walk_over_every_step(method, sparsity):
         seen.add((tuple(status.patterns.values()), bool(status.decay)))
         sp.step()
     assert sp.schedule_states() == len(seen)
+
+
+@pytest.mark.parametrize("method", ["mdgf-exp", "sdgf-stepwise", "oneshot"])
+def test_reschedule_before_the_first_step_equals_a_fresh_plan(method):
+    from helpers import TimmStyleViT
+
+    def walk(sp):
+        seen = []
+        for _ in range(sp.total_steps):
+            status = sp.status()
+            seen.append((status.phase, status.decay, tuple(status.patterns.values())))
+            sp.step()
+        return seen
+
+    recipe = nmflow.Recipe(method, {"ff": "1:8"})
+    torch.manual_seed(0)
+    rescheduled = nmflow.sparsify(TimmStyleViT(depth=1), recipe, total_steps=1000, verbose=False)
+    rescheduled.reschedule(40)
+    torch.manual_seed(0)
+    fresh = nmflow.sparsify(TimmStyleViT(depth=1), recipe, total_steps=40, verbose=False)
+    assert rescheduled.table == fresh.table
+    assert walk(rescheduled) == walk(fresh)
+    with pytest.raises(nmflow.NmflowError, match="before the first step"):
+        rescheduled.reschedule(50)

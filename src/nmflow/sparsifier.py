@@ -135,6 +135,19 @@ class Sparsifier:
             states.add((tuple(self.patterns_at(t, step) for t in self.targets), bool(decay)))
         return len(states)
 
+    def reschedule(self, total_steps: int) -> None:
+        """Plan the run anew for ``total_steps``, before the first step.
+
+        For integrations that must attach before they know the run's length: the HF Trainer wraps the model
+        for DDP before training starts, and a weight parametrized after that wrapping is no longer synchronized.
+        """
+        if self._step != 0 or self._finalized:
+            raise NmflowError(f"reschedule() only before the first step; {self._step} steps were taken")
+        plan = self.recipe.phase_plan(total_steps)
+        self.recipe.resolved_beta(total_steps)  # raises if the decay cannot end after the dense phase
+        self.total_steps, self.plan, self._decay = total_steps, plan, self.recipe.decay_schedule(total_steps)
+        self._apply_schedule()
+
     def status(self) -> SparsityStatus:
         step = self._step
         phase = self.plan.phase(step) if self.masks_applied else Phase.DENSE

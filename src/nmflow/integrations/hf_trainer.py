@@ -8,6 +8,11 @@
 The schedule counts optimizer steps (``state.global_step``), so gradient accumulation needs nothing
 special; checkpoints carry the sparsifier state (``nmflow_sparsity.pt``) and ``resume_from_checkpoint``
 continues the schedule where it stopped.
+
+The model is sparsified when the callback meets the Trainer (at the end of ``Trainer.__init__``, or in
+`install`), before ``trainer.train()`` wraps it for DDP: a weight parametrized after the wrapping would no
+longer be synchronized across processes (torch's parametrization gives it a new gradient accumulator, which
+DDP's hooks do not watch). The run's length is only known when training starts; the schedule is planned then.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from transformers import DefaultFlowCallback, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from nmflow.diagnostics import flip_rate
+from nmflow.errors import ConfigError
 from nmflow.recipes import Recipe
 from nmflow.schedules import Phase
 from nmflow.sparsifier import Sparsifier, sparsify
@@ -27,6 +33,8 @@ __all__ = ["STATE_FILE", "NMSparsityCallback"]
 
 STATE_FILE = "nmflow_sparsity.pt"
 """The sparsifier state inside each Trainer checkpoint folder."""
+
+_PROVISIONAL_STEPS = 1_000_000  # any length the recipe accepts: the plan is redone before the first step
 
 PHASE_CODES = {Phase.DENSE: 0, Phase.SPARSE: 1, Phase.FINETUNE: 2}
 """``nmflow/phase`` is logged as a number, since most reporters (MLflow, AzureML, ...) keep numbers only."""
@@ -62,22 +70,41 @@ class NMSparsityCallback(TrainerCallback):
         flow = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
         callbacks.insert(flow[0] + 1 if flow else 0, self)
         self._installed = True
+        if self.sparsifier is None:
+            self._attach(trainer.model, trainer.args)
         return trainer
 
+    def _attach(self, model: torch.nn.Module, args: TrainingArguments) -> None:
+        # planned for max_steps when given; else provisionally, until on_train_begin knows the run's length
+        steps = args.max_steps if args.max_steps > 0 else _PROVISIONAL_STEPS
+        self.sparsifier = sparsify(model, self.recipe, total_steps=steps, verbose=False)
+
     # ----------------------------------------------------------------- lifecycle
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.sparsifier is None and kwargs.get("model") is not None:
+            self._attach(kwargs["model"], args)
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # The Trainer has built the optimizer and, on resume, loaded the checkpoint's weights by now;
         # the parametrization keeps each weight's Parameter object, so the optimizer still holds it.
-        model = kwargs["model"]
+        if self.sparsifier is None:
+            if args.world_size > 1:
+                raise ConfigError(
+                    "NMSparsityCallback was added after the Trainer was built, and the model is now wrapped for "
+                    "several processes, where a weight sparsified this late is no longer synchronized; pass it "
+                    "in Trainer(callbacks=[...]) or call callback.install(trainer) before trainer.train()"
+                )
+            self._attach(kwargs["model"], args)
         if any(args.report_to) and not self._installed:
             warnings.warn(
                 "NMSparsityCallback runs after the Trainer's reporters, which will not see the nmflow/* keys; "
                 "register it with callback.install(trainer) instead",
                 stacklevel=2,
             )
-        self.sparsifier = sparsify(
-            model, self.recipe, total_steps=state.max_steps, verbose=self.verbose and state.is_world_process_zero
-        )
+        if self.sparsifier.total_steps != state.max_steps:
+            self.sparsifier.reschedule(state.max_steps)
+        if self.verbose and state.is_world_process_zero:
+            print(self.sparsifier.table)
         if state.global_step > 0:
             self._resume(args, state)
 
