@@ -268,3 +268,13 @@ def test_the_decaying_recipe_compared_with_srste_is_chosen_on_validation(tmp_pat
     (comparison,) = group.comparisons
     assert comparison.method == "sdgf-stepwise"
     assert comparison.difference == pytest.approx((0.75 - 0.80) * 100)
+
+
+def test_pretraining_stages_are_not_counted_as_dense_results(tmp_path):
+    for stage in ("dense", "pretrain"):  # the sweep's dense reference and a fine-tune group's first stage
+        config = {"task": "vision", "method": "dense", "sparsity": {}, "seed": 0, "steps": STEPS}
+        summary = {**config, "metric": "accuracy", "test_accuracy": 0.9, "val_accuracy": 0.9}
+        _write_run(tmp_path / "vision" / stage / "seed-0", config, summary, [])
+    (group,) = summarize(collect_runs(tmp_path))
+    assert [run.path.parent.name for run in group.runs] == ["dense"]
+    assert "1 dense pretraining runs" in write_report(tmp_path).read_text()

@@ -73,6 +73,11 @@ class Run:
         return str(self.get("method", "?"))
 
     @property
+    def is_pretraining(self) -> bool:
+        """The dense first stage of `nmflow sweep`'s fine-tune protocol: an input to other runs, not a result."""
+        return self.path.parent.name == "pretrain"
+
+    @property
     def sparsity(self) -> dict[str, NMPattern]:
         """Role -> pattern, sorted by role; empty for dense runs, whose sparsity setting has no effect."""
         if self.method == "dense":
@@ -299,7 +304,7 @@ def summarize(runs: Iterable[Run]) -> list[Group]:
     """The finished runs as groups of tables, ready to render or to check."""
     by_key: dict[tuple[str, bool, str, str], list[Run]] = defaultdict(list)
     for run in runs:
-        if run.status == "finished":
+        if run.status == "finished" and not run.is_pretraining:
             by_key[_group_key(run)].append(run)
     labels = _group_labels(by_key)
     return [_group(labels[key], by_key[key]) for key in sorted(by_key, key=lambda k: (k[0], k[1], k[2], k[3]))]
@@ -452,7 +457,7 @@ def _draw_plots(group: Group, plots_dir: Path) -> list[str]:
     slug = re.sub(r"[^a-z0-9]+", "-", group.label.lower()).strip("-")
     lines = []
     for name, title, draw in PLOTS:
-        drawn = draw(data, new_figure)
+        drawn = draw(data, new_figure) if data.focus is not None else "no sparse runs"
         if isinstance(drawn, str):
             lines += [f"*{title}: skipped ({drawn}).*", ""]
             continue
@@ -700,6 +705,15 @@ PLOTS = (
 )
 
 
+def _pretraining_note(runs: list[Run]) -> list[str]:
+    stages = [r for r in runs if r.is_pretraining and r.status == "finished"]
+    if not stages:
+        return []
+    steps = sorted({str(r.get("steps", "?")) for r in stages})
+    note = f"{len(stages)} dense pretraining runs ({', '.join(steps)} steps) start the fine-tune groups"
+    return [note + "; they are not in the tables.", ""]
+
+
 def _not_started(root: Path, runs: list[Run]) -> list[str]:
     """The runs the sweep spec in ``root`` plans that have no folder yet (a sweep still going, or stopped)."""
     from nmflow.sweep import plan_sweep, read_spec
@@ -737,6 +751,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> Pat
         f"{len(runs)} runs: " + ", ".join(f"{counts[s]} {s}" for s in ("finished", "failed", "incomplete")) + ".",
         *_not_started(root, runs),
         "",
+        *_pretraining_note(runs),
         *_unfinished_section(root, runs),
     ]
     for group in summarize(runs):
