@@ -278,3 +278,15 @@ def test_pretraining_stages_are_not_counted_as_dense_results(tmp_path):
     (group,) = summarize(collect_runs(tmp_path))
     assert [run.path.parent.name for run in group.runs] == ["dense"]
     assert "1 dense pretraining runs" in write_report(tmp_path).read_text()
+
+
+def test_runs_differing_in_any_setting_land_in_separate_labelled_groups(tmp_path):
+    for end in (0.3, 0.7):
+        for seed in range(2):
+            config = {"task": "language", "method": "mdgf-exp", "sparsity": {"ff": "1:32"}, "seed": seed}
+            config |= {"steps": STEPS, "decay_end_fraction": end, "log_every": seed + 1}  # logging never splits
+            summary = {**config, "metric": "perplexity", "test_perplexity": 9.0, "val_perplexity": 9.0}
+            _write_run(tmp_path / str(end) / str(seed), config, summary, [])
+    groups = summarize(collect_runs(tmp_path))
+    assert [g.label for g in groups] == ["language, decay_end_fraction=0.3", "language, decay_end_fraction=0.7"]
+    assert [len(g.runs) for g in groups] == [2, 2]

@@ -278,36 +278,46 @@ def _density(sparsity: dict[str, NMPattern]) -> float:
     return statistics.fmean(p.density for p in sparsity.values()) if sparsity else 1.0
 
 
-def _group_key(run: Run) -> tuple[str, bool, str, str]:
-    model = run.config.get("model") or {}
-    model_text = ", ".join(f"{k}={v}" for k, v in sorted(model.items())) if isinstance(model, dict) else str(model)
-    return (str(run.get("task", "?")), run.config.get("init_from") is not None, model_text, str(run.get("steps", "?")))
+PER_RUN_KEYS = {"method", "sparsity", "seed", "out", "init_from", "nmflow_version", "device", "threads"}
+"""Config keys that vary inside one table, or that do not change the numbers; any other key splits groups."""
+LOGGING_KEYS = {"tensorboard", "log_every", "eval_every", "save_every", "keep_checkpoints", "diagnostics"}
 
 
-def _group_labels(keys: Iterable[tuple[str, bool, str, str]]) -> dict[tuple[str, bool, str, str], str]:
-    """Task (+ fine-tune), naming the model and step count only where a task has several."""
+def _group_key(run: Run) -> tuple[str, bool, str]:
+    """(task, fine-tuned, the settings shared by the group as text): runs differing elsewhere are not comparable."""
+    shared = {key: value for key, value in run.config.items() if key not in PER_RUN_KEYS | LOGGING_KEYS | {"task"}}
+    return (str(run.get("task", "?")), run.config.get("init_from") is not None, json.dumps(shared, sort_keys=True))
+
+
+def _group_labels(keys: Iterable[tuple[str, bool, str]]) -> dict[tuple[str, bool, str], str]:
+    """Task (+ fine-tune), then the settings in which the groups of one task differ, e.g. ``steps=400``."""
     keys = list(keys)
     labels = {}
     for key in keys:
-        task, finetune, model, steps = key
-        same_task = [k for k in keys if k[0] == task]
+        task, finetune, shared = key
+        settings = json.loads(shared)
+        others = [json.loads(k[2]) for k in keys if k[:2] == key[:2] and k != key]
+        differing = sorted(name for name in settings if any(o.get(name) != settings[name] for o in others))
         parts = [task + (" (fine-tune)" if finetune else "")]
-        if len({k[2] for k in same_task}) > 1:
-            parts.append(f"model {model or 'default'}")
-        if len({k[3] for k in same_task}) > 1:
-            parts.append(f"{steps} steps")
+        parts += [f"{name}={_setting_text(settings[name])}" for name in differing]
         labels[key] = ", ".join(parts)
     return labels
 
 
+def _setting_text(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(value.items())) + "}"
+    return str(value)
+
+
 def summarize(runs: Iterable[Run]) -> list[Group]:
     """The finished runs as groups of tables, ready to render or to check."""
-    by_key: dict[tuple[str, bool, str, str], list[Run]] = defaultdict(list)
+    by_key: dict[tuple[str, bool, str], list[Run]] = defaultdict(list)
     for run in runs:
         if run.status == "finished" and not run.is_pretraining:
             by_key[_group_key(run)].append(run)
     labels = _group_labels(by_key)
-    return [_group(labels[key], by_key[key]) for key in sorted(by_key, key=lambda k: (k[0], k[1], k[2], k[3]))]
+    return [_group(labels[key], by_key[key]) for key in sorted(by_key, key=lambda k: (k[0], k[1], labels[k]))]
 
 
 def _group(label: str, runs: list[Run]) -> Group:
