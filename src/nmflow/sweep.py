@@ -208,6 +208,8 @@ def run_sweep(spec_path: str | Path, out: str | Path, jobs: int | None = None, v
         raise ConfigError(f"jobs must be >= 1, got {jobs}")
 
     outcome = {run.name: "finished" for run in runs if (out / run.name / "summary.json").is_file()}
+    for name in outcome:  # a run that finished after its sweep was stopped still holds its checkpoints
+        shutil.rmtree(out / name / "checkpoints", ignore_errors=True)
     pending = [run for run in runs if run.name not in outcome]
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     say = print if verbose else lambda *_: None
