@@ -120,7 +120,7 @@ def plan_sweep(spec: Mapping[str, Any]) -> list[Run]:
 def _order(run: Run) -> tuple:
     """Pretraining, then the dense references, then pattern by pattern in the spec's order, every task and seed
     of a pattern together: a sweep stopped early has whole patterns, with all their seeds, to report."""
-    return (run.config["method"] != "dense", run.pattern_index)  # a continued run waits for its pretraining
+    return (run.config["method"] != "dense", run.after is not None, run.pattern_index)
 
 
 def _key_problem(key: str, known: set[str]) -> str:

@@ -1,0 +1,300 @@
+"""The report's figures. matplotlib is imported only when drawing, so `import nmflow.report` stays light."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nmflow.report.runs import Run, read_metrics
+from nmflow.report.tables import (
+    METHOD_ORDER,
+    METRICS,
+    PRIMARY,
+    Cell,
+    Group,
+    Metric,
+    Table,
+    _density,
+    _number,
+    _ordered,
+    pattern_label,
+)
+
+DIAGNOSTIC_KEY = "ff"  # the role whose diagnostics are plotted
+MAX_ISO_FLOPS_PANELS = 6
+
+
+@dataclass(frozen=True)
+class _PlotData:
+    group: Group
+    metrics: dict[Path, tuple[list[dict[str, Any]], list[dict[str, Any]]]]
+    focus: str | None  # the pattern of the per-step plots
+
+    @property
+    def primary(self) -> Table:
+        return next(t for t in self.group.tables if t.metric.key == PRIMARY[self.group.metric])
+
+    @property
+    def focus_runs(self) -> list[Run]:
+        return [r for r in self.group.runs if r.method == "dense" or pattern_label(r.sparsity) == self.focus]
+
+
+def _draw_plots(group: Group, plots_dir: Path) -> list[str]:
+    """Draw every plot of ``group``; markdown that embeds each one, or says why it was skipped."""
+    from matplotlib.figure import Figure  # here, not at the top: `import nmflow` stays light
+
+    def new_figure(width: float, height: float) -> Any:
+        return Figure(figsize=(width, height), layout="constrained")
+
+    data = _PlotData(group, {r.path: read_metrics(r.path) for r in group.runs}, _focus_pattern(group))
+    slug = re.sub(r"[^a-z0-9]+", "-", group.label.lower()).strip("-")
+    lines = []
+    for name, title, draw in PLOTS:
+        drawn = draw(data, new_figure) if data.focus is not None else "no sparse runs"
+        if isinstance(drawn, str):
+            lines += [f"*{title}: skipped ({drawn}).*", ""]
+            continue
+        figure, caption = drawn
+        figure.suptitle(f"{group.label}: {title}")
+        figure.savefig(plots_dir / f"{slug}-{name}.png", dpi=100)
+        lines += [f"![{title}](plots/{slug}-{name}.png)", "", f"*{caption}*", ""]
+    return lines
+
+
+def _focus_pattern(group: Group) -> str | None:
+    """1:16 everywhere if the group has it (the paper's main setting), else the sparsest pattern."""
+    if not group.patterns:
+        return None
+    all_1_16 = [label for label, p in group.patterns.items() if all(str(x) == "1:16" for x in p.values())]
+    return all_1_16[0] if all_1_16 else min(group.patterns, key=lambda label: _density(group.patterns[label]))
+
+
+def _color(method: str) -> str:
+    return "0.35" if method == "dense" else f"C{METHOD_ORDER.index(method) - 1}" if method in METHOD_ORDER else "C9"
+
+
+def _error_bar(cell: Cell) -> float:
+    return 0.0 if cell.n < 2 else cell.std
+
+
+def _log_y(ax: Any, values: list[float], always: bool = False) -> None:
+    """Log scale where values span a decade or more (or always); symlog when some are zero."""
+    positive = [v for v in values if v > 0]
+    if positive and len(positive) == len(values) and (always or max(positive) >= 10 * min(positive)):
+        ax.set_yscale("log")
+    elif positive and always:
+        ax.set_yscale("symlog", linthresh=min(positive))
+
+
+def _plot_vs_sparsity(data: _PlotData, new_figure: Callable) -> tuple[Any, str] | str:
+    group, table = data.group, data.primary
+    role_sets = Counter(tuple(p) for p in group.patterns.values()).most_common(1)
+    if not role_sets:
+        return "no sparse runs"
+    rows = [label for label, p in group.patterns.items() if tuple(p) == role_sets[0][0]]
+    x = {row: _density(group.patterns[row]) for row in rows}
+    ticks: dict[float, list[str]] = defaultdict(list)
+    for row in rows:
+        p = group.patterns[row]
+        ticks[x[row]].append(str(next(iter(p.values()))) if len(p) == 1 else row)
+    figure = new_figure(6.4, 4.4)
+    ax = figure.subplots()
+    values = []
+    for method in (m for m in table.methods if m != "dense"):
+        cells = [(x[row], table.cells[row, method]) for row in rows if (row, method) in table.cells]
+        if cells:
+            means = [c.mean for _, c in cells]
+            stds = [_error_bar(c) for _, c in cells]
+            ax.errorbar(
+                [px for px, _ in cells], means, yerr=stds, marker="o", capsize=3, label=method, color=_color(method)
+            )
+            values += means
+    dense = table.cells.get((rows[0], "dense"))
+    if dense is not None:
+        std = _error_bar(dense)
+        ax.axhspan(dense.mean - std, dense.mean + std, color="0.6", alpha=0.3, lw=0)
+        ax.axhline(dense.mean, color=_color("dense"), ls="--", label="dense (mean ± std)")
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    ax.set_xticks(list(ticks), labels=["\n".join(labels) for labels in ticks.values()])
+    ax.invert_xaxis()
+    _log_y(ax, values)
+    roles = ", ".join(role_sets[0][0])
+    ax.set(xlabel=f"{roles} pattern (density N/M, log2 scale; sparser to the right)", ylabel=table.metric.title)
+    ax.legend(fontsize="small")
+    return figure, f"{table.metric.title} against sparsity; error bars and band: sample std over seeds."
+
+
+def pareto_frontier(
+    points: Iterable[tuple[float, float, str]], higher_is_better: bool
+) -> list[tuple[float, float, str]]:
+    """The (cost, value, name) points that no cheaper-or-equal point beats, cheapest first."""
+    sign = 1.0 if higher_is_better else -1.0
+    frontier: list[tuple[float, float, str]] = []
+    for point in sorted(points, key=lambda p: (p[0], -sign * p[1])):
+        if not frontier or sign * point[1] > sign * frontier[-1][1]:
+            frontier.append(point)
+    return frontier
+
+
+def _plot_vs_inference_flops(data: _PlotData, new_figure: Callable) -> tuple[Any, str] | str:
+    metric = data.primary.metric
+    points: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+    for run in data.group.runs:
+        flops = run.get("inference_flops")
+        flops = _number(flops.get("sparse")) if isinstance(flops, dict) else None
+        value = _number((run.summary or {}).get(metric.key))
+        if flops is not None and value is not None:
+            points[run.method, pattern_label(run.sparsity)].append((flops, value * metric.scale))
+    if not points:
+        return "no inference_flops in the summaries"
+    figure = new_figure(6.4, 4.4)
+    ax = figure.subplots()
+    means = []
+    for method in _ordered(m for m, _ in points):
+        cells = [(row, xy) for (m, row), xy in points.items() if m == method]
+        xs = [statistics.fmean(f for f, _ in xy) for _, xy in cells]
+        cells_y = [Cell(tuple(v for _, v in xy)) for _, xy in cells]
+        stds = [_error_bar(c) for c in cells_y]
+        ax.errorbar(xs, [c.mean for c in cells_y], yerr=stds, fmt="o", capsize=3, label=method, color=_color(method))
+        means += [(px, c.mean, row) for px, c, (row, _) in zip(xs, cells_y, cells)]
+    frontier = pareto_frontier(means, metric.higher_is_better)
+    ax.plot([p[0] for p in frontier], [p[1] for p in frontier], "k:", lw=1.2, label="Pareto frontier")
+    for px, y, row in frontier:
+        ax.annotate(row, (px, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    ax.set_xscale("log")
+    _log_y(ax, [p[1] for p in means])
+    ax.set(xlabel="inference FLOPs per example (forward, sparse)", ylabel=metric.title)
+    ax.legend(fontsize="small")
+    return figure, f"{metric.title} against inference cost; the dotted line joins the runs no other beats on both."
+
+
+def _plot_iso_flops(data: _PlotData, new_figure: Callable) -> tuple[Any, str] | str:
+    val = next(m for m in METRICS[data.group.metric] if m.key.startswith("val_"))
+    rows = list(data.group.patterns)[:MAX_ISO_FLOPS_PANELS]
+    if not rows:
+        return "no sparse runs"
+    columns = min(3, len(rows))
+    figure = new_figure(4.4 * columns + 1.4, 3.5 * math.ceil(len(rows) / columns))
+    axes = list(figure.subplots(math.ceil(len(rows) / columns), columns, squeeze=False).flat)
+    handles: dict[str, Any] = {}
+    for ax, row in zip(axes, rows):
+        runs = [r for r in data.group.runs if r.method == "dense" or pattern_label(r.sparsity) == row]
+        values = []
+        for run in runs:
+            final = {**(run.summary or {}), "train_flops": run.get("training_flops")}
+            curve = _flops_curve(data.metrics[run.path][1], val) or _flops_curve([final], val)
+            if curve:
+                (line,) = ax.plot(
+                    *zip(*curve),
+                    marker="o" if len(curve) == 1 else None,
+                    ms=4,
+                    lw=1,
+                    alpha=0.8,
+                    color=_color(run.method),
+                )
+                handles.setdefault(run.method, line)
+                values += [y for _, y in curve]
+        _log_y(ax, values)
+        ax.set(title=row, xlabel="training FLOPs (cumulative)", ylabel=val.title)
+    for ax in axes[len(rows) :]:
+        ax.set_visible(False)
+    if not handles:
+        return "no train_flops in the metrics or summaries"
+    methods = _ordered(handles)
+    figure.legend([handles[m] for m in methods], methods, loc="outside right upper", fontsize="small")
+    shown = "" if len(rows) == len(data.group.patterns) else f" (the {len(rows)} densest patterns)"
+    return figure, f"{val.title} along each run (one line per seed) against the training compute spent{shown}."
+
+
+def _flops_curve(records: list[dict[str, Any]], metric: Metric) -> list[tuple[float, float]]:
+    pairs = ((_number(r.get("train_flops")), _number(r.get(metric.key))) for r in records)
+    return [(x, y * metric.scale) for x, y in pairs if x is not None and y is not None]
+
+
+def _step_series(data: _PlotData, runs: list[Run], field: str, smooth: bool) -> dict[str, tuple[list, list]]:
+    """Per method, the mean over seeds at each step of ``field`` (a number, or a per-role mapping: its ff entry)."""
+    by_method: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        for record in data.metrics[run.path][0]:
+            value = record.get(field)
+            value = _number(value.get(DIAGNOSTIC_KEY) if isinstance(value, dict) else value)
+            if value is not None:
+                by_method[run.method][record["step"]].append(value)
+    series = {}
+    for method in _ordered(by_method):
+        steps = sorted(by_method[method])
+        values = [statistics.fmean(by_method[method][s]) for s in steps]
+        series[method] = (steps, _running_mean(values) if smooth else values)
+    return series
+
+
+def _running_mean(values: list[float]) -> list[float]:
+    """Trailing mean over a window of 1/20 of the points (at least 1)."""
+    window = max(1, len(values) // 20)
+    sums = [0.0, *itertools.accumulate(values)]
+    return [(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(window, i + 1) for i in range(len(values))]
+
+
+def _panels(new_figure: Callable, panels: list[tuple[str, dict[str, tuple[list, list]]]], log: bool) -> Any | None:
+    """One axis per (y label, series); None when every series is empty."""
+    if not any(series for _, series in panels):
+        return None
+    figure = new_figure(5.0 * len(panels), 3.8)
+    for ax, (label, series) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        for method, (steps, values) in series.items():
+            ax.plot(steps, values, lw=1.2, color=_color(method), label=method)
+        if log:
+            _log_y(ax, [v for _, values in series.values() for v in values], always=True)
+        ax.set(xlabel="step", ylabel=label)
+        if series:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center")
+    return figure
+
+
+def _plot_gradient_noise(data: _PlotData, new_figure: Callable) -> tuple[Any, str] | str:
+    fields = ("grad_abs_var", "exp_avg_sq_var", "exp_avg_sq_norm")
+    panels = [(f"{f}[{DIAGNOSTIC_KEY}]", _step_series(data, data.focus_runs, f, smooth=True)) for f in fields]
+    figure = _panels(new_figure, panels, log=True)
+    if figure is None:
+        return f"no {', '.join(fields)} in the metrics"
+    return figure, f"Gradient noise at {data.focus} (running mean, mean over seeds; dense as baseline)."
+
+
+def _plot_flip_rate(data: _PlotData, new_figure: Callable) -> tuple[Any, str] | str:
+    series = _step_series(data, [r for r in data.focus_runs if r.method != "dense"], "flip_rate", smooth=True)
+    figure = _panels(new_figure, [(f"flip rate [{DIAGNOSTIC_KEY}]", series)], log=True)
+    if figure is None:
+        return "no flip_rate in the metrics"
+    return figure, f"Fraction of {DIAGNOSTIC_KEY} mask entries that flip per step at {data.focus} (running mean)."
+
+
+def _plot_schedules(data: _PlotData, new_figure: Callable) -> tuple[Any, str] | str:
+    density_runs = [r for r in data.focus_runs if r.method.startswith("sdgf") or r.method in ("dense", "srste")]
+    panels = [
+        ("decay factor D (MDGF)", _step_series(data, data.focus_runs, "D", smooth=False)),
+        (f"density [{DIAGNOSTIC_KEY}]", _step_series(data, density_runs, "density", smooth=False)),
+    ]
+    figure = _panels(new_figure, panels, log=False)
+    if figure is None:
+        return "no D or density in the metrics"
+    return figure, f"Schedules at {data.focus}: MDGF's decay factor D and the {DIAGNOSTIC_KEY} density over steps."
+
+
+PLOTS = (
+    ("vs-sparsity", "metric vs sparsity", _plot_vs_sparsity),
+    ("vs-inference-flops", "metric vs inference FLOPs", _plot_vs_inference_flops),
+    ("iso-flops", "validation metric vs training FLOPs", _plot_iso_flops),
+    ("gradient-noise", "gradient noise", _plot_gradient_noise),
+    ("flip-rate", "mask flip rate", _plot_flip_rate),
+    ("schedules", "schedules", _plot_schedules),
+)

@@ -1,0 +1,275 @@
+"""Finished runs as numbers: groups of comparable runs, tables of mean ± std over seeds, and their markdown."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from nmflow.errors import ConfigError
+from nmflow.masks import NMPattern
+from nmflow.report.runs import Run
+
+METHOD_ORDER = ("dense", "ste", "srste", "oneshot", "mdgf-linear", "mdgf-exp", "sdgf-stepwise", "sdgf-geometric")
+DECAYING = ("mdgf-linear", "mdgf-exp", "sdgf-stepwise", "sdgf-geometric")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A summary field as a table shows it."""
+
+    key: str
+    title: str
+    higher_is_better: bool
+    digits: int
+    scale: float = 1.0
+
+    def format(self, value: float) -> str:
+        return "–" if math.isnan(value) else f"{value:.{self.digits}f}"
+
+
+METRICS = {
+    "accuracy": (
+        Metric("test_accuracy", "Test accuracy (%)", True, 1, 100.0),
+        Metric("val_accuracy", "Validation accuracy (%)", True, 1, 100.0),
+    ),
+    "perplexity": (
+        Metric("test_loss", "Test loss", False, 3),
+        Metric("test_perplexity", "Test perplexity", False, 2),
+        Metric("val_perplexity", "Validation perplexity", False, 2),
+    ),
+}
+PRIMARY = {"accuracy": "test_accuracy", "perplexity": "test_perplexity"}
+SELECTION = {"accuracy": "val_accuracy", "perplexity": "val_perplexity"}  # picks the best decaying recipe
+TASK_METRIC = {"vision": "accuracy", "language": "perplexity"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """The values of one method at one pattern, one per seed."""
+
+    values: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation (n - 1); NaN for one seed."""
+        return statistics.stdev(self.values) if self.n > 1 else math.nan
+
+
+@dataclass(frozen=True)
+class Table:
+    """Rows are sparsity patterns (densest first), columns methods; the dense column repeats the dense runs."""
+
+    metric: Metric
+    rows: tuple[str, ...]
+    methods: tuple[str, ...]
+    cells: dict[tuple[str, str], Cell]
+
+    def best(self, row: str) -> set[str]:
+        """The sparse methods with the best mean in ``row`` (several on a tie)."""
+        means = {m: self.cells[row, m].mean for m in self.methods if m != "dense" and (row, m) in self.cells}
+        if not means:
+            return set()
+        pick = max if self.metric.higher_is_better else min
+        best = pick(means.values())
+        return {m for m, value in means.items() if value == best}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The best decaying recipe (MDGF/SDGF) against SR-STE at one pattern."""
+
+    pattern: str
+    method: str
+    decaying: Cell
+    srste: Cell
+    metric: Metric
+
+    @property
+    def difference(self) -> float:
+        return self.decaying.mean - self.srste.mean
+
+    @property
+    def pooled_std(self) -> float:
+        dof = self.decaying.n + self.srste.n - 2
+        if dof <= 0:
+            return math.nan
+        squares = sum((c.n - 1) * c.std**2 for c in (self.decaying, self.srste) if c.n > 1)
+        return math.sqrt(squares / dof)
+
+    @property
+    def verdict(self) -> str:
+        stds = [c.std for c in (self.decaying, self.srste) if c.n > 1]
+        if not stds:
+            return "no spread (one seed each)"
+        spread = max(stds)
+        gain = self.difference if self.metric.higher_is_better else -self.difference
+        if gain > spread:
+            return "beats by more than the spread"
+        if gain < -spread:
+            return "worse by more than the spread"
+        return "within spread"
+
+
+@dataclass(frozen=True)
+class Group:
+    """Finished runs that can be compared: same task, protocol, model and step count."""
+
+    label: str
+    metric: str  # "accuracy" | "perplexity"
+    runs: tuple[Run, ...]
+    patterns: dict[str, dict[str, NMPattern]]  # row label -> role patterns, densest first
+    tables: tuple[Table, ...]
+    comparisons: tuple[Comparison, ...]
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float if it is a finite number (a missing or null field gives None)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def pattern_label(sparsity: dict[str, NMPattern]) -> str:
+    return ", ".join(f"{role}={pattern}" for role, pattern in sparsity.items()) or "dense"
+
+
+def _density(sparsity: dict[str, NMPattern]) -> float:
+    return statistics.fmean(p.density for p in sparsity.values()) if sparsity else 1.0
+
+
+PER_RUN_KEYS = {"method", "sparsity", "seed", "out", "init_from", "nmflow_version", "device", "threads"}
+"""Config keys that vary inside one table, or that do not change the numbers; any other key splits groups."""
+LOGGING_KEYS = {"tensorboard", "log_every", "eval_every", "save_every", "keep_checkpoints", "diagnostics"}
+
+
+def _group_key(run: Run) -> tuple[str, bool, str]:
+    """(task, fine-tuned, the settings shared by the group as text): runs differing elsewhere are not comparable."""
+    shared = {key: value for key, value in run.config.items() if key not in PER_RUN_KEYS | LOGGING_KEYS | {"task"}}
+    return (str(run.get("task", "?")), run.config.get("init_from") is not None, json.dumps(shared, sort_keys=True))
+
+
+def _group_labels(keys: Iterable[tuple[str, bool, str]]) -> dict[tuple[str, bool, str], str]:
+    """Task (+ fine-tune), then the settings in which the groups of one task differ, e.g. ``steps=400``."""
+    keys = list(keys)
+    labels = {}
+    for key in keys:
+        task, finetune, shared = key
+        settings = json.loads(shared)
+        others = [json.loads(k[2]) for k in keys if k[:2] == key[:2] and k != key]
+        differing = sorted(name for name in settings if any(o.get(name) != settings[name] for o in others))
+        parts = [task + (" (fine-tune)" if finetune else "")]
+        parts += [f"{name}={_setting_text(settings[name])}" for name in differing]
+        labels[key] = ", ".join(parts)
+    return labels
+
+
+def _setting_text(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(value.items())) + "}"
+    return str(value)
+
+
+def summarize(runs: Iterable[Run]) -> list[Group]:
+    """The finished runs as groups of tables, ready to render or to check."""
+    by_key: dict[tuple[str, bool, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.status == "finished" and not run.is_pretraining:
+            by_key[_group_key(run)].append(run)
+    labels = _group_labels(by_key)
+    return [_group(labels[key], by_key[key]) for key in sorted(by_key, key=lambda k: (k[0], k[1], labels[k]))]
+
+
+def _group(label: str, runs: list[Run]) -> Group:
+    metric = str(runs[0].get("metric") or TASK_METRIC.get(str(runs[0].get("task")), "accuracy"))
+    if metric not in METRICS:
+        raise ConfigError(f"run {runs[0].path}: unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+    patterns = {pattern_label(r.sparsity): r.sparsity for r in runs if r.method != "dense"}
+    patterns = dict(sorted(patterns.items(), key=lambda item: (-_density(item[1]), item[0])))
+    methods = tuple(_ordered(r.method for r in runs))
+    rows = tuple(patterns) or ("dense",)  # a group of dense runs only still gets its row
+    tables = tuple(_table(spec, runs, rows, methods) for spec in METRICS[metric])
+    primary = next(t for t in tables if t.metric.key == PRIMARY[metric])
+    selection = next(t for t in tables if t.metric.key == SELECTION[metric])
+    return Group(label, metric, tuple(runs), patterns, tables, _comparisons(primary, selection))
+
+
+def _table(metric: Metric, runs: list[Run], rows: tuple[str, ...], methods: tuple[str, ...]) -> Table:
+    values: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for run in runs:
+        value = _number((run.summary or {}).get(metric.key))
+        if value is not None:
+            for row in rows if run.method == "dense" else (pattern_label(run.sparsity),):
+                values[row, run.method].append(value * metric.scale)
+    return Table(metric, rows, methods, {key: Cell(tuple(v)) for key, v in values.items()})
+
+
+def _comparisons(table: Table, selection: Table) -> tuple[Comparison, ...]:
+    """Per pattern, the decaying recipe best on the validation split against SR-STE, on ``table`` (the test
+    split): choosing the best of four on the test split itself would flatter the decaying recipes."""
+    found = []
+    for row in table.rows:
+        decaying = [m for m in DECAYING if (row, m) in table.cells and (row, m) in selection.cells]
+        if decaying and (row, "srste") in table.cells:
+            pick = max if selection.metric.higher_is_better else min
+            best = pick(decaying, key=lambda m: selection.cells[row, m].mean)
+            found.append(Comparison(row, best, table.cells[row, best], table.cells[row, "srste"], table.metric))
+    return tuple(found)
+
+
+def _ordered(methods: Iterable[str]) -> list[str]:
+    methods = set(methods)
+    return [m for m in METHOD_ORDER if m in methods] + sorted(methods - set(METHOD_ORDER))
+
+
+# ------------------------------------------------------------------------------------------------ markdown
+def _markdown_table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    escape = lambda text: text.replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(escape(cell) for cell in row) + " |" for row in rows]
+
+
+def render_table(table: Table) -> list[str]:
+    """Mean ± std over seeds; bold marks the best sparse method of a row; n=k flags an unusual seed count."""
+    usual_n = Counter(c.n for c in table.cells.values()).most_common(1)[0][0] if table.cells else 0
+    fmt = table.metric.format
+
+    def cell_text(row: str, method: str) -> str:
+        cell = table.cells.get((row, method))
+        if cell is None:
+            return ""
+        text = f"{fmt(cell.mean)} ± {fmt(cell.std)}" + (f" (n={cell.n})" if cell.n != usual_n else "")
+        return f"**{text}**" if method in table.best(row) else text
+
+    return _markdown_table(
+        ["pattern", *table.methods], ([row] + [cell_text(row, m) for m in table.methods] for row in table.rows)
+    )
+
+
+def render_comparisons(comparisons: tuple[Comparison, ...]) -> list[str]:
+    fmt = comparisons[0].metric.format
+    header = ["pattern", "best decaying", "its mean", "srste mean", "difference", "pooled std", "verdict"]
+    rows = (
+        [
+            c.pattern,
+            c.method,
+            fmt(c.decaying.mean),
+            fmt(c.srste.mean),
+            f"{c.difference:+.{c.metric.digits}f}",
+            fmt(c.pooled_std),
+            c.verdict,
+        ]
+        for c in comparisons
+    )
+    return _markdown_table(header, rows)
