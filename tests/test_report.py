@@ -268,6 +268,9 @@ def test_the_decaying_recipe_compared_with_srste_is_chosen_on_validation(tmp_pat
     (comparison,) = group.comparisons
     assert comparison.method == "sdgf-stepwise"
     assert comparison.difference == pytest.approx((0.75 - 0.80) * 100)
+    # seed s adds s/100 to every method: the paired differences are exact, whatever the seeds add
+    assert comparison.paired.values == pytest.approx([(0.75 - 0.80) * 100] * 2)
+    assert comparison.paired.std == pytest.approx(0.0, abs=1e-9)
 
 
 def test_pretraining_stages_are_not_counted_as_dense_results(tmp_path):

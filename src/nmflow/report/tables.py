@@ -53,6 +53,7 @@ class Cell:
     """The values of one method at one pattern, one per seed."""
 
     values: tuple[float, ...]
+    seeds: tuple[int | None, ...] = ()  # the seed of each value, where known: pairs runs across methods
 
     @property
     def n(self) -> int:
@@ -108,6 +109,14 @@ class Comparison:
             return math.nan
         squares = sum((c.n - 1) * c.std**2 for c in (self.decaying, self.srste) if c.n > 1)
         return math.sqrt(squares / dof)
+
+    @property
+    def paired(self) -> Cell | None:
+        """Per seed, the decaying recipe's value minus SR-STE's (same initialisation and batch order): the
+        seed-to-seed variation both share cancels, so this spread is the finer test. None without 2 common seeds."""
+        srste = {seed: value for seed, value in zip(self.srste.seeds, self.srste.values) if seed is not None}
+        pairs = [value - srste[seed] for seed, value in zip(self.decaying.seeds, self.decaying.values) if seed in srste]
+        return Cell(tuple(pairs)) if len(pairs) > 1 else None
 
     @property
     def verdict(self) -> str:
@@ -206,13 +215,15 @@ def _group(label: str, runs: list[Run]) -> Group:
 
 
 def _table(metric: Metric, runs: list[Run], rows: tuple[str, ...], methods: tuple[str, ...]) -> Table:
-    values: dict[tuple[str, str], list[float]] = defaultdict(list)
+    values: dict[tuple[str, str], list[tuple[float, int | None]]] = defaultdict(list)
     for run in runs:
         value = _number((run.summary or {}).get(metric.key))
         if value is not None:
+            seed = run.get("seed")
             for row in rows if run.method == "dense" else (pattern_label(run.sparsity),):
-                values[row, run.method].append(value * metric.scale)
-    return Table(metric, rows, methods, {key: Cell(tuple(v)) for key, v in values.items()})
+                values[row, run.method].append((value * metric.scale, seed if isinstance(seed, int) else None))
+    cells = {key: Cell(tuple(v for v, _ in pairs), tuple(s for _, s in pairs)) for key, pairs in values.items()}
+    return Table(metric, rows, methods, cells)
 
 
 def _comparisons(table: Table, selection: Table) -> tuple[Comparison, ...]:
@@ -260,6 +271,7 @@ def render_table(table: Table) -> list[str]:
 def render_comparisons(comparisons: tuple[Comparison, ...]) -> list[str]:
     fmt = comparisons[0].metric.format
     header = ["pattern", "best decaying", "its mean", "srste mean", "difference", "pooled std", "verdict"]
+    header += ["paired difference (same seeds)"]
     rows = (
         [
             c.pattern,
@@ -269,6 +281,7 @@ def render_comparisons(comparisons: tuple[Comparison, ...]) -> list[str]:
             f"{c.difference:+.{c.metric.digits}f}",
             fmt(c.pooled_std),
             c.verdict,
+            "–" if c.paired is None else f"{c.paired.mean:+.{c.metric.digits}f} ± {fmt(c.paired.std)} (n={c.paired.n})",
         ]
         for c in comparisons
     )
