@@ -144,12 +144,16 @@ def test_a_checkpoint_of_another_model_changes_nothing(uninterrupted):
     """Every tensor is checked before any is assigned: a failed restore leaves model and optimizer as they were."""
     from nmflow.recipes import Recipe
     from nmflow.sparsifier import sparsify
-    from nmflow.train import _build_model, _optimizer
+    from nmflow.tasks import build_task
+    from nmflow.train import _optimizer
 
     saved = checkpoint.read_checkpoint(uninterrupted / "checkpoints" / f"step-{STEPS}")
     renamed = dict(saved.model)
     renamed["classifier.weight"] = renamed["classifier.weight"][:5]
-    model = _build_model()
+    vision = build_task(
+        "vision", data=None, data_seed=0, model={}, device=torch.device("cpu"), block_size=128, image_size=None
+    )
+    model = vision.build_model()
     sp = sparsify(model, Recipe("mdgf-exp", {"ff": "1:16"}, dense_steps=10, finetune_steps=10), STEPS, verbose=False)
     optimizer = _optimizer(model, config(uninterrupted))
     before = {name: t.clone() for name, t in model.state_dict().items()}
@@ -165,7 +169,8 @@ def test_tensorboard_holds_the_scalars_of_the_metrics(uninterrupted):
     board = EventAccumulator(str(uninterrupted / "tensorboard"))
     board.Reload()
     tags = set(board.Tags()["scalars"])
-    assert tags == {"train/loss", "train/lr", "train/D", "density/ff", "val/loss", "val/accuracy"}
+    diagnostics = {f"{name}/ff" for name in ("flip_rate", "grad_abs_var", "exp_avg_sq_var", "exp_avg_sq_norm")}
+    assert tags == {"train/loss", "train/lr", "train/D", "density/ff", "val/loss", "val/accuracy", *diagnostics}
     lines = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     losses = [(line["step"], line["loss"]) for line in lines if "loss" in line]
     logged = board.Scalars("train/loss")
