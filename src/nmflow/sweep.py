@@ -214,6 +214,7 @@ def run_sweep(spec_path: str | Path, out: str | Path, jobs: int | None = None, v
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     say = print if verbose else lambda *_: None
     say(f"nmflow sweep: {len(runs)} runs, {len(outcome)} already finished, {len(pending)} to go, {jobs} at a time")
+    sweep_started, ended_here = time.perf_counter(), 0
     try:
         while pending or running:
             for name, (process, started) in list(running.items()):
@@ -221,7 +222,10 @@ def run_sweep(spec_path: str | Path, out: str | Path, jobs: int | None = None, v
                     continue
                 del running[name]
                 outcome[name] = _collect(out / name, process.returncode)
-                say(_progress_line(len(outcome), len(runs), name, outcome[name], out / name, started))
+                ended_here += 1
+                left = (time.perf_counter() - sweep_started) / ended_here * (len(pending) + len(running))
+                line = _progress_line(len(outcome), len(runs), name, outcome[name], out / name, started)
+                say(f"{line}  (about {left / 60:.0f} min left)" if pending or running else line)
             for run in list(pending):
                 if len(running) >= jobs:
                     break
