@@ -184,34 +184,44 @@ def _plot_iso_flops(data: _PlotData, new_figure: Callable) -> tuple[Any, str] | 
     columns = min(3, len(rows))
     figure = new_figure(4.4 * columns + 1.4, 3.5 * math.ceil(len(rows) / columns))
     axes = list(figure.subplots(math.ceil(len(rows) / columns), columns, squeeze=False).flat)
-    handles: dict[str, Any] = {}
+    drawn = False
     for ax, row in zip(axes, rows):
-        runs = [r for r in data.group.runs if r.method == "dense" or pattern_label(r.sparsity) == row]
-        values = []
-        for run in runs:
+        curves: dict[str, list[list[tuple[float, float]]]] = {}
+        for run in data.group.runs:
+            if run.method != "dense" and pattern_label(run.sparsity) != row:
+                continue
             final = {**(run.summary or {}), "train_flops": run.get("training_flops")}
             curve = _flops_curve(data.metrics[run.path][1], val) or _flops_curve([final], val)
             if curve:
-                (line,) = ax.plot(
-                    *zip(*curve),
-                    marker="o" if len(curve) == 1 else None,
-                    ms=4,
-                    lw=1,
-                    alpha=0.8,
-                    color=_color(run.method),
-                )
-                handles.setdefault(run.method, line)
-                values += [y for _, y in curve]
+                curves.setdefault(run.method, []).append(curve)
+        values = []
+        for method in _ordered(curves):
+            mean_curve = _mean_curve(curves[method])
+            ax.plot(*zip(*mean_curve), marker="o", ms=3, lw=1.2, color=_color(method), label=method)
+            values += [y for _, y in mean_curve]
         _log_y(ax, values)
         ax.set(title=row, xlabel="training FLOPs (cumulative)", ylabel=val.title)
+        if curves and not drawn:
+            ax.legend(fontsize="small")
+        drawn = drawn or bool(curves)
     for ax in axes[len(rows) :]:
         ax.set_visible(False)
-    if not handles:
+    if not drawn:
         return "no train_flops in the metrics or summaries"
-    methods = _ordered(handles)
-    figure.legend([handles[m] for m in methods], methods, loc="outside right upper", fontsize="small")
     shown = "" if len(rows) == len(data.group.patterns) else f" (the {len(rows)} densest patterns)"
-    return figure, f"{val.title} along each run (one line per seed) against the training compute spent{shown}."
+    caption = (
+        f"{val.title} at each evaluation (mean over seeds) against the training compute spent so far{shown}. "
+        "Before the last point, MDGF runs are scored with their soft masks (pruned weights scaled by D)."
+    )
+    return figure, caption
+
+
+def _mean_curve(curves: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """Seeds of one method evaluate at the same steps and FLOPs: average them point by point."""
+    length = min(len(curve) for curve in curves)
+    return [
+        (statistics.fmean(c[i][0] for c in curves), statistics.fmean(c[i][1] for c in curves)) for i in range(length)
+    ]
 
 
 def _flops_curve(records: list[dict[str, Any]], metric: Metric) -> list[tuple[float, float]]:
