@@ -293,3 +293,25 @@ def test_runs_differing_in_any_setting_land_in_separate_labelled_groups(tmp_path
     groups = summarize(collect_runs(tmp_path))
     assert [g.label for g in groups] == ["language, decay_end_fraction=0.3", "language, decay_end_fraction=0.7"]
     assert [len(g.runs) for g in groups] == [2, 2]
+
+
+def test_diagnostics_table_reduces_the_sparse_window_per_run_then_over_seeds(tmp_path):
+    from nmflow.report.tables import diagnostics_table
+
+    rng = np.random.default_rng(0)
+    expected = {}
+    for method in ("srste", "mdgf-exp"):
+        per_seed = []
+        for seed in range(3):
+            config = {"task": "vision", "method": method, "sparsity": {"ff": "1:16"}, "seed": seed, "steps": STEPS}
+            summary = {**config, "metric": "accuracy", "test_accuracy": 0.9, "val_accuracy": 0.9}
+            summary["phases"] = {"dense": [0, 10], "sparse": [10, 30], "finetune": [30, STEPS]}
+            values = rng.uniform(1, 2, STEPS)
+            lines = [{"step": s + 1, "grad_abs_var": {"ff": float(values[s])}} for s in range(STEPS)]
+            per_seed.append(values[10:30].mean())  # steps 11..30: the 20 steps of the sparse window
+            _write_run(tmp_path / method / str(seed), config, summary, lines)
+        expected[method] = f"{np.mean(per_seed):.3g} ± {np.std(per_seed, ddof=1):.2g}"
+    (group,) = summarize(collect_runs(tmp_path))
+    table = "\n".join(diagnostics_table(group))
+    for method, text in expected.items():
+        assert f"| {method} | {text} |" in table

@@ -29,6 +29,7 @@ from nmflow.report.tables import (
     Metric,
     Table,
     _markdown_table,
+    diagnostics_table,
     render_comparisons,
     render_table,
     summarize,
@@ -86,6 +87,9 @@ def _group_section(group: Group, plots_dir: Path) -> list[str]:
         )
         lines += [note, ""]
         lines += render_comparisons(group.comparisons)
+    diagnostics = diagnostics_table(group)
+    if diagnostics:
+        lines += ["", "### Gradient noise, second moment and mask flips (paper §4)", "", *diagnostics]
     lines += ["", "### Plots", ""]
     lines += _draw_plots(group, plots_dir)
     return lines + [""]

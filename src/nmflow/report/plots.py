@@ -22,6 +22,7 @@ from nmflow.report.tables import (
     Metric,
     Table,
     _density,
+    _focus_pattern,
     _number,
     _ordered,
     pattern_label,
@@ -66,14 +67,6 @@ def _draw_plots(group: Group, plots_dir: Path) -> list[str]:
         figure.savefig(plots_dir / f"{slug}-{name}.png", dpi=100)
         lines += [f"![{title}](plots/{slug}-{name}.png)", "", f"*{caption}*", ""]
     return lines
-
-
-def _focus_pattern(group: Group) -> str | None:
-    """1:16 everywhere if the group has it (the paper's main setting), else the sparsest pattern."""
-    if not group.patterns:
-        return None
-    all_1_16 = [label for label, p in group.patterns.items() if all(str(x) == "1:16" for x in p.values())]
-    return all_1_16[0] if all_1_16 else min(group.patterns, key=lambda label: _density(group.patterns[label]))
 
 
 def _color(method: str) -> str:

@@ -286,3 +286,58 @@ def render_comparisons(comparisons: tuple[Comparison, ...]) -> list[str]:
         for c in comparisons
     )
     return _markdown_table(header, rows)
+
+
+def _focus_pattern(group: Group) -> str | None:
+    """1:16 everywhere if the group has it (the paper's main setting), else the sparsest pattern."""
+    if not group.patterns:
+        return None
+    all_1_16 = [label for label, p in group.patterns.items() if all(str(x) == "1:16" for x in p.values())]
+    return all_1_16[0] if all_1_16 else min(group.patterns, key=lambda label: _density(group.patterns[label]))
+
+
+# ------------------------------------------------------------------------------------------------ diagnostics
+DIAGNOSTICS = (  # (metrics key, column title, reduction over the sparse window)
+    ("grad_abs_var", "variance of abs(grad), mean", statistics.fmean),
+    ("exp_avg_sq_var", "variance of exp_avg_sq, mean", statistics.fmean),
+    ("exp_avg_sq_norm", "norm of exp_avg_sq, mean", statistics.fmean),
+    ("flip_rate", "flip rate, median", statistics.median),
+)
+
+
+def diagnostics_table(group: Group, key: str = "ff") -> list[str]:
+    """The paper's §4 statistics per method at the focus pattern, reduced over the sparse window (the steps
+    between the dense phase and fine-tuning; the dense method over the same steps): mean ± std over seeds."""
+    from nmflow.report.runs import read_metrics
+
+    focus = _focus_pattern(group)
+    runs = [r for r in group.runs if r.method == "dense" or (focus and pattern_label(r.sparsity) == focus)]
+    windows = [tuple(r.summary["phases"]["sparse"]) for r in runs if "sparse" in (r.summary or {}).get("phases", {})]
+    if focus is None or not windows:
+        return []
+    start, stop = windows[0]
+    values: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for run in runs:
+        lines = [line for line in read_metrics(run.path)[0] if start < line["step"] <= stop]
+        for name, _, reduce in DIAGNOSTICS:
+            series = [line[name][key] for line in lines if isinstance(line.get(name), dict) and key in line[name]]
+            if series:
+                values[run.method, name].append(reduce(series))
+    methods = [m for m in _ordered(r.method for r in runs) if any((m, name) in values for name, _, _ in DIAGNOSTICS)]
+    if not methods:
+        return []
+
+    def cell(method: str, name: str) -> str:
+        found = values.get((method, name))
+        if not found:
+            return ""
+        spread = f" ± {statistics.stdev(found):.2g}" if len(found) > 1 else ""
+        return f"{statistics.fmean(found):.3g}{spread}"
+
+    header = ["method", *(title for _, title, _ in DIAGNOSTICS)]
+    rows = ([method, *(cell(method, name) for name, _, _ in DIAGNOSTICS)] for method in methods)
+    intro = (
+        f"At {focus}, {key} layers, over steps {start + 1}-{stop} (the sparse window); mean ± std over seeds of each "
+        "run's reduction."
+    )
+    return [intro, "", *_markdown_table(header, rows)]
