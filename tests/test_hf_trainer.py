@@ -136,7 +136,8 @@ def test_trainer_run_ends_exact_and_logs_the_schedule(tmp_path):
         expected_phase = 0 if step < DENSE else 1 if step < TOTAL - FINETUNE else 2
         assert entry["nmflow/phase"] == expected_phase
         assert entry["nmflow/density/ff"] == (1.0 if step < DENSE else 1 / 16)
-        assert 0.0 <= entry["nmflow/flip_rate"] <= 1.0
+        assert 0.0 <= entry["nmflow/flip_rate/ff"] <= 1.0
+        assert entry["nmflow/grad_abs_var/ff"] > 0 and entry["nmflow/exp_avg_sq_norm/ff"] > 0
     assert all(logs[s]["nmflow/D"] == 1.0 for s in range(1, DENSE))
     decaying = [logs[s]["nmflow/D"] for s in range(DENSE, TOTAL - FINETUNE)]
     assert decaying[0] == 1.0 and all(a > b for a, b in zip(decaying, decaying[1:]))
@@ -144,15 +145,20 @@ def test_trainer_run_ends_exact_and_logs_the_schedule(tmp_path):
     assert math.isclose(logs[round(0.7 * TOTAL)]["nmflow/D"], 0.01, rel_tol=1e-6)
     assert all(logs[s]["nmflow/D"] == 0.0 for s in range(TOTAL - FINETUNE, TOTAL + 1))
     # dense -> 1:16 between steps 3 and 4: every pruned entry flips, 15 of each 16
-    assert logs[DENSE]["nmflow/flip_rate"] == 15 / 16
-    assert all(logs[s]["nmflow/flip_rate"] == 0.0 for s in range(1, DENSE))
+    assert logs[DENSE]["nmflow/flip_rate/ff"] == 15 / 16
+    assert all(logs[s]["nmflow/flip_rate/ff"] == 0.0 for s in range(1, DENSE))
+    # the last log reads Adam's state after the last step, which the optimizer still holds
+    modules = dict(trainer.model.named_modules())
+    moments = [trainer.optimizer.state[modules[name].weight]["exp_avg_sq"] for name in FF_LAYERS]
+    expected = sum(float(m.var()) for m in moments) / len(moments)
+    assert math.isclose(logs[TOTAL]["nmflow/exp_avg_sq_var/ff"], expected, rel_tol=1e-5)
 
 
 def test_oneshot_masks_stay_frozen_after_pruning(tmp_path):
     trainer, _, _ = train("oneshot", tmp_path, save_strategy="no")
     logs = {entry["step"]: entry for entry in nmflow_logs(trainer)}
-    assert logs[DENSE]["nmflow/flip_rate"] == 15 / 16
-    assert all(logs[s]["nmflow/flip_rate"] == 0.0 for s in range(DENSE + 1, TOTAL + 1))
+    assert logs[DENSE]["nmflow/flip_rate/ff"] == 15 / 16
+    assert all(logs[s]["nmflow/flip_rate/ff"] == 0.0 for s in range(DENSE + 1, TOTAL + 1))
     assert_exact_one_in_sixteen(trainer.model)
 
 
@@ -166,7 +172,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     logs = {entry["step"]: entry for entry in nmflow_logs(trainer)}
     assert sorted(logs) == [2, 4, 6, 8]
     assert logs[2]["nmflow/density/ff"] == 1.0 and logs[4]["nmflow/density/ff"] == 1 / 16
-    assert logs[4]["nmflow/flip_rate"] == 15 / 16  # masks kept before the optimizer step that ended in a log
+    assert logs[4]["nmflow/flip_rate/ff"] == 15 / 16  # masks kept before the optimizer step that ended in a log
     assert_exact_one_in_sixteen(trainer.model)
 
 

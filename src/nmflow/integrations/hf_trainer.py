@@ -23,7 +23,7 @@ import warnings
 import torch
 from transformers import DefaultFlowCallback, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from nmflow.diagnostics import flip_rate
+from nmflow.diagnostics import StepDiagnostics
 from nmflow.errors import ConfigError
 from nmflow.recipes import Recipe
 from nmflow.schedules import Phase
@@ -46,7 +46,9 @@ class NMSparsityCallback(TrainerCallback):
     Logged with every training log (``trainer.state.log_history`` and the reporters):
     ``nmflow/D`` (factor on pruned weights: 1 dense, D while decaying, 0 binary), ``nmflow/phase``
     (0 dense, 1 sparse, 2 finetune), ``nmflow/density/<key>`` (N/M kept per recipe key, 1.0 dense) and,
-    with step-based logging, ``nmflow/flip_rate`` (fraction of mask entries changed by the last optimizer step).
+    with step-based logging, the diagnostics of the optimizer step that ended in the log, per recipe key
+    (`nmflow.diagnostics`): ``nmflow/grad_abs_var/<key>``, ``nmflow/exp_avg_sq_var/<key>`` and
+    ``nmflow/exp_avg_sq_norm/<key>`` (Adam-type optimizers) and ``nmflow/flip_rate/<key>``.
     """
 
     def __init__(self, recipe: Recipe, *, verbose: bool = True) -> None:
@@ -55,8 +57,10 @@ class NMSparsityCallback(TrainerCallback):
         self.recipe = recipe
         self.verbose = verbose
         self.sparsifier: Sparsifier | None = None
-        self._masks_before_step: tuple[int, dict[str, torch.Tensor]] | None = None  # (global step, masks)
+        self._diagnostics: StepDiagnostics | None = None
+        self._record: tuple[int, dict[str, dict[str, float]]] | None = None  # (global step, diagnostics)
         self._installed = False
+        self._diagnosing = False
 
     def install(self, trainer: Trainer) -> Trainer:
         """Register with ``trainer`` ahead of its reporters, which only see log keys added before they run.
@@ -109,12 +113,18 @@ class NMSparsityCallback(TrainerCallback):
             self._resume(args, state)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        # keep the masks this step's forward used, only when the step ends in a log: each mask costs a top-k
-        log_due = _log_due(args, state, state.global_step + 1)
-        self._masks_before_step = (state.global_step, self.sparsifier.masks()) if log_due else None
+        # only for a step that ends in a log: reading the masks costs a top-k per weight
+        self._diagnosing = _log_due(args, state, state.global_step + 1)
+        if self._diagnosing:
+            # gradients after accumulation, all-reduce and clipping: what the optimizer is about to use
+            if self._diagnostics is None or self._diagnostics.optimizer is not kwargs.get("optimizer"):
+                self._diagnostics = StepDiagnostics(self.sparsifier, kwargs.get("optimizer"))
+            self._diagnostics.after_backward()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.sparsifier.step()
+        self._record = (state.global_step, self._diagnostics.after_step()) if self._diagnosing else None
+        self._diagnosing = False
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if logs is None or "loss" not in logs or self.sparsifier is None:
@@ -158,9 +168,10 @@ class NMSparsityCallback(TrainerCallback):
         decay = binary_or_dense if status.decay is None else status.decay
         metrics = {"nmflow/D": decay, "nmflow/phase": PHASE_CODES[status.phase]}
         metrics.update({f"nmflow/density/{key}": value for key, value in status.density.items()})
-        if self._masks_before_step is not None and self._masks_before_step[0] + 1 == state.global_step:
-            metrics["nmflow/flip_rate"] = flip_rate(self._masks_before_step[1], sp.masks())
-        self._masks_before_step = None
+        if self._record is not None and self._record[0] == state.global_step:
+            for name, per_key in self._record[1].items():
+                metrics.update({f"nmflow/{name}/{key}": value for key, value in per_key.items()})
+        self._record = None
         return metrics
 
 
