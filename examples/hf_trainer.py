@@ -60,7 +60,8 @@ def main() -> None:
         if "nmflow/D" in entry:
             print(
                 f"step {entry['step']:4d}  loss {entry['loss']:.3f}  D {entry['nmflow/D']:.3f}  "
-                f"ff density {entry['nmflow/density/ff']:.4f}  flip rate {entry.get('nmflow/flip_rate', 0.0):.4f}"
+                f"ff density {entry['nmflow/density/ff']:.4f}  flip rate {entry['nmflow/flip_rate/ff']:.4f}  "
+                f"Var|grad| {entry['nmflow/grad_abs_var/ff']:.2e}"
             )
     records = callback.sparsifier.verify()  # raises if any group holds more than N non-zeros
     kept = sum(r["kept"] for r in records)
