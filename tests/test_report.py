@@ -295,6 +295,20 @@ def test_runs_differing_in_any_setting_land_in_separate_labelled_groups(tmp_path
     assert [len(g.runs) for g in groups] == [2, 2]
 
 
+def test_overview_puts_every_group_method_and_pattern_on_one_row(sweep):
+    text = (sweep / "report.md").read_text()
+    overview = text[text.index("## Overview") : text.index("\n## ", text.index("## Overview") + 1)]
+    rows = [line.split(" | ") for line in overview.splitlines() if line.startswith("| language |")]
+    # dense once, then each sparse method at each of its patterns
+    expected = {("–", "dense")} | {(f"ff={p}", m) for m, by in LANGUAGE.items() if m != "dense" for p in by}
+    assert {(r[2], r[3]) for r in rows} == expected
+    srste = next(r for r in rows if r[2:4] == ["ff=1:8", "srste"])
+    values = LANGUAGE["srste"]["1:8"]
+    mean, std = np.mean(values), np.std(values, ddof=1)
+    assert srste[4] == f"{0.99 * mean:.2f} ± {0.99 * std:.2f}"  # validation (0.99 x test in these runs)
+    assert srste[5] == f"{mean:.2f} ± {std:.2f}" and srste[6] == "2 |"
+
+
 def test_diagnostics_table_reduces_the_sparse_window_per_run_then_over_seeds(tmp_path):
     from nmflow.report.tables import diagnostics_table
 

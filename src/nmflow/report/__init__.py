@@ -30,6 +30,7 @@ from nmflow.report.tables import (
     Table,
     _markdown_table,
     diagnostics_table,
+    overview_table,
     render_comparisons,
     render_table,
     summarize,
@@ -144,7 +145,17 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> Pat
         *_pretraining_note(runs),
         *_unfinished_section(root, runs),
     ]
-    for group in summarize(runs):
+    groups = summarize(runs)
+    if len(groups) > 1:
+        lines += [
+            "## Overview",
+            "",
+            "Every group's primary metric, mean ± sample std over seeds (validation: the split to choose on).",
+            "",
+            *overview_table(groups),
+            "",
+        ]
+    for group in groups:
         lines += _group_section(group, plots_dir)
     spec = root / "sweep.yaml"
     if spec.exists():

@@ -305,6 +305,37 @@ DIAGNOSTICS = (  # (metrics key, column title, reduction over the sparse window)
 )
 
 
+def overview_table(groups: list[Group]) -> list[str]:
+    """One row per group, method and pattern, validation next to test: sweeps whose groups are the
+    experiment (a setting varied across tasks, e.g. the decay end or the step count) compare them here."""
+    rows = []
+    for group in groups:
+        by_key = {t.metric.key: t for t in group.tables}
+        validation, test = by_key[SELECTION[group.metric]], by_key[PRIMARY[group.metric]]
+        for pattern in test.rows:
+            for method in test.methods:
+                if (pattern, method) not in test.cells or (method == "dense" and pattern != test.rows[0]):
+                    continue
+                cells = [t.cells.get((pattern, method)) for t in (validation, test)]
+                texts = [
+                    f"{t.metric.format(c.mean)} ± {t.metric.format(c.std)}" if c else "–"
+                    for t, c in zip((validation, test), cells)
+                ]
+                pattern_text = "–" if method == "dense" else pattern
+                rows.append(
+                    [
+                        group.label,
+                        test.metric.title.removeprefix("Test "),
+                        pattern_text,
+                        method,
+                        *texts,
+                        str(cells[1].n),
+                    ]
+                )
+    header = ["group", "metric", "pattern", "method", "validation", "test", "seeds"]
+    return _markdown_table(header, rows)
+
+
 def diagnostics_table(group: Group, key: str = "ff") -> list[str]:
     """The paper's §4 statistics per method at the focus pattern, reduced over the sparse window (the steps
     between the dense phase and fine-tuning; the dense method over the same steps): mean ± std over seeds."""
