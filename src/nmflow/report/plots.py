@@ -6,6 +6,7 @@ import itertools
 import math
 import re
 import statistics
+import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -63,7 +64,8 @@ def _draw_plots(group: Group, plots_dir: Path) -> list[str]:
             lines += [f"*{title}: skipped ({drawn}).*", ""]
             continue
         figure, caption = drawn
-        figure.suptitle(f"{group.label}: {title}")
+        # wrapped to the figure's width: a group label can name several settings
+        figure.suptitle(textwrap.fill(f"{group.label}: {title}", width=int(figure.get_figwidth() * 11)))
         figure.savefig(plots_dir / f"{slug}-{name}.png", dpi=100)
         lines += [f"![{title}](plots/{slug}-{name}.png)", "", f"*{caption}*", ""]
     return lines
@@ -282,7 +284,9 @@ def _plot_flip_rate(data: _PlotData, new_figure: Callable) -> tuple[Any, str] | 
 
 
 def _plot_schedules(data: _PlotData, new_figure: Callable) -> tuple[Any, str] | str:
+    # the runs whose density tells the schedules apart; else (MDGF only) the density of their binary masks
     density_runs = [r for r in data.focus_runs if r.method.startswith("sdgf") or r.method in ("dense", "srste")]
+    density_runs = density_runs or data.focus_runs
     panels = [
         ("decay factor D (MDGF)", _step_series(data, data.focus_runs, "D", smooth=False)),
         (f"density [{DIAGNOSTIC_KEY}]", _step_series(data, density_runs, "density", smooth=False)),

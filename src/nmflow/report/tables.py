@@ -185,6 +185,8 @@ def _group_labels(keys: Iterable[tuple[str, bool, str]]) -> dict[tuple[str, bool
 
 
 def _setting_text(value: Any) -> str:
+    if value == {}:
+        return "default"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(value.items())) + "}"
     return str(value)
