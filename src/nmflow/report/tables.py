@@ -185,7 +185,7 @@ def _group_labels(keys: Iterable[tuple[str, bool, str]]) -> dict[tuple[str, bool
 
 
 def _setting_text(value: Any) -> str:
-    if value == {}:
+    if value is None or value == {}:  # not set: the library's default applies
         return "default"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(value.items())) + "}"
