@@ -10,7 +10,7 @@ import yaml
 
 from nmflow import METHODS
 from nmflow.errors import ConfigError
-from nmflow.report import collect_runs, pareto_frontier, render_table, summarize, write_report
+from nmflow.report import collect_runs, pareto_frontier, read_metrics, render_table, summarize, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STEPS = 40
@@ -329,3 +329,18 @@ def test_diagnostics_table_reduces_the_sparse_window_per_run_then_over_seeds(tmp
     table = "\n".join(diagnostics_table(group))
     for method, text in expected.items():
         assert f"| {method} | {text} |" in table
+
+
+def test_schedule_plot_shows_mdgf_d_in_every_phase(tmp_path):
+    from nmflow.report.plots import MDGF_D_BY_PHASE, _PlotData, _step_series
+
+    phases = [("dense", None), ("sparse", 0.5), ("sparse", 0.25), ("finetune", None)]
+    lines = [{"step": i + 1, "phase": phase, "D": d} for i, (phase, d) in enumerate(phases)]
+    config = {"task": "language", "method": "mdgf-exp", "sparsity": {"ff": "1:32"}, "seed": 0, "steps": 4}
+    summary = {**config, "metric": "perplexity", "test_perplexity": 9.0, "val_perplexity": 9.0}
+    _write_run(tmp_path / "run", config, summary, lines)
+    (group,) = summarize(collect_runs(tmp_path))
+    data = _PlotData(group, {r.path: read_metrics(r.path) for r in group.runs}, "ff=1:32")
+    assert _step_series(data, list(group.runs), "D", smooth=False)["mdgf-exp"] == ([2, 3], [0.5, 0.25])
+    filled = _step_series(data, list(group.runs), "D", smooth=False, by_phase=MDGF_D_BY_PHASE)
+    assert filled["mdgf-exp"] == ([1, 2, 3, 4], [1.0, 0.5, 0.25, 0.0])

@@ -30,6 +30,7 @@ from nmflow.report.tables import (
 )
 
 DIAGNOSTIC_KEY = "ff"  # the role whose diagnostics are plotted
+MDGF_D_BY_PHASE = {"dense": 1.0, "finetune": 0.0}
 MAX_ISO_FLOPS_PANELS = 6
 
 
@@ -224,13 +225,18 @@ def _flops_curve(records: list[dict[str, Any]], metric: Metric) -> list[tuple[fl
     return [(x, y * metric.scale) for x, y in pairs if x is not None and y is not None]
 
 
-def _step_series(data: _PlotData, runs: list[Run], field: str, smooth: bool) -> dict[str, tuple[list, list]]:
-    """Per method, the mean over seeds at each step of ``field`` (a number, or a per-role mapping: its ff entry)."""
+def _step_series(
+    data: _PlotData, runs: list[Run], field: str, smooth: bool, by_phase: dict[str, float] | None = None
+) -> dict[str, tuple[list, list]]:
+    """Per method, the mean over seeds at each step of ``field`` (a number, or a per-role mapping: its ff entry);
+    ``by_phase`` gives the value of steps that log none, by their phase."""
     by_method: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         for record in data.metrics[run.path][0]:
             value = record.get(field)
             value = _number(value.get(DIAGNOSTIC_KEY) if isinstance(value, dict) else value)
+            if value is None and by_phase:
+                value = by_phase.get(record.get("phase"))
             if value is not None:
                 by_method[run.method][record["step"]].append(value)
     series = {}
@@ -284,11 +290,13 @@ def _plot_flip_rate(data: _PlotData, new_figure: Callable) -> tuple[Any, str] | 
 
 
 def _plot_schedules(data: _PlotData, new_figure: Callable) -> tuple[Any, str] | str:
+    mdgf_runs = [r for r in data.focus_runs if r.method.startswith("mdgf")]
     # the runs whose density tells the schedules apart; else (MDGF only) the density of their binary masks
     density_runs = [r for r in data.focus_runs if r.method.startswith("sdgf") or r.method in ("dense", "srste")]
     density_runs = density_runs or data.focus_runs
     panels = [
-        ("decay factor D (MDGF)", _step_series(data, data.focus_runs, "D", smooth=False)),
+        # D is logged while it decays; the dense phase multiplies pruned weights by 1, fine-tuning by 0
+        ("decay factor D (MDGF)", _step_series(data, mdgf_runs, "D", smooth=False, by_phase=MDGF_D_BY_PHASE)),
         (f"density [{DIAGNOSTIC_KEY}]", _step_series(data, density_runs, "density", smooth=False)),
     ]
     figure = _panels(new_figure, panels, log=False)
