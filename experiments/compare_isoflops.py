@@ -32,25 +32,27 @@ def main() -> None:
         if run.status == "finished" and run.get("task") == "language" and not run.get("init_from")
     ]
     paired = []
-    print("| pattern | run | steps | training FLOPs | test perplexity | validation perplexity | seeds |")
+    print("| pattern | method | steps | training FLOPs | test perplexity | validation perplexity | seeds |")
     print("|---|---|---|---|---|---|---|")
     for pattern in ("1:16", "1:32"):
-        rows: dict[str, dict[int, dict]] = {}
+        rows: dict[tuple[str, int], dict[int, dict]] = {}  # (method, steps) -> seed -> summary
         for run in runs:
-            if run.summary["sparsity"].get("ff") != pattern or run.method not in ("srste", "mdgf-exp"):
-                continue
-            label = f"{run.method} ({run.summary['steps']} steps)"
-            rows.setdefault(label, {})[run.summary["seed"]] = run.summary
-        for label, by_seed in sorted(rows.items()):
+            if run.summary["sparsity"].get("ff") == pattern and run.method in ("srste", "mdgf-exp"):
+                rows.setdefault((run.method, run.summary["steps"]), {})[run.summary["seed"]] = run.summary
+        for (method, steps), by_seed in sorted(rows.items()):
             summaries = list(by_seed.values())
             flops = statistics.mean(s["training_flops"] for s in summaries)
             print(
-                f"| {pattern} | {label} | {summaries[0]['steps']} | {flops:.3g} | "
+                f"| {pattern} | {method} | {steps} | {flops:.3g} | "
                 f"{_stats([s['test_perplexity'] for s in summaries])} | "
                 f"{_stats([s['val_perplexity'] for s in summaries])} | {len(summaries)} |"
             )
-        iso = next((by_seed for label, by_seed in rows.items() if label.startswith("srste") and "400" not in label), {})
-        mdgf = rows.get("mdgf-exp (400 steps)", {})
+        mdgf_steps = [steps for method, steps in rows if method == "mdgf-exp"]
+        srste_steps = [steps for method, steps in rows if method == "srste"]
+        if not mdgf_steps or not srste_steps:
+            continue
+        # SR-STE with the most steps (the iso-FLOPs run) against MDGF-exp
+        iso, mdgf = rows["srste", max(srste_steps)], rows["mdgf-exp", min(mdgf_steps)]
         seeds = sorted(iso.keys() & mdgf.keys())
         if seeds:
             diffs = [iso[s]["test_perplexity"] - mdgf[s]["test_perplexity"] for s in seeds]

@@ -290,23 +290,6 @@ def render_comparisons(comparisons: tuple[Comparison, ...]) -> list[str]:
     return _markdown_table(header, rows)
 
 
-def _focus_pattern(group: Group) -> str | None:
-    """1:16 everywhere if the group has it (the paper's main setting), else the sparsest pattern."""
-    if not group.patterns:
-        return None
-    all_1_16 = [label for label, p in group.patterns.items() if all(str(x) == "1:16" for x in p.values())]
-    return all_1_16[0] if all_1_16 else min(group.patterns, key=lambda label: _density(group.patterns[label]))
-
-
-# ------------------------------------------------------------------------------------------------ diagnostics
-DIAGNOSTICS = (  # (metrics key, column title, reduction over the sparse window)
-    ("grad_abs_var", "variance of abs(grad), mean", statistics.fmean),
-    ("exp_avg_sq_var", "variance of exp_avg_sq, mean", statistics.fmean),
-    ("exp_avg_sq_norm", "norm of exp_avg_sq, mean", statistics.fmean),
-    ("flip_rate", "flip rate, median", statistics.median),
-)
-
-
 def overview_table(groups: list[Group]) -> list[str]:
     """One row per group, method and pattern, validation next to test: sweeps whose groups are the
     experiment (a setting varied across tasks, e.g. the decay end or the step count) compare them here."""
@@ -336,6 +319,23 @@ def overview_table(groups: list[Group]) -> list[str]:
                 )
     header = ["group", "metric", "pattern", "method", "validation", "test", "seeds"]
     return _markdown_table(header, rows)
+
+
+def _focus_pattern(group: Group) -> str | None:
+    """1:16 everywhere if the group has it (the paper's main setting), else the sparsest pattern."""
+    if not group.patterns:
+        return None
+    all_1_16 = [label for label, p in group.patterns.items() if all(str(x) == "1:16" for x in p.values())]
+    return all_1_16[0] if all_1_16 else min(group.patterns, key=lambda label: _density(group.patterns[label]))
+
+
+# ------------------------------------------------------------------------------------------------ diagnostics
+DIAGNOSTICS = (  # (metrics key, column title, reduction over the sparse window)
+    ("grad_abs_var", "variance of abs(grad), mean", statistics.fmean),
+    ("exp_avg_sq_var", "variance of exp_avg_sq, mean", statistics.fmean),
+    ("exp_avg_sq_norm", "norm of exp_avg_sq, mean", statistics.fmean),
+    ("flip_rate", "flip rate, median", statistics.median),
+)
 
 
 def diagnostics_table(group: Group, key: str = "ff") -> list[str]:
