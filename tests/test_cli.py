@@ -58,7 +58,7 @@ def test_config_yaml_holds_the_resolved_config_and_can_be_given_back(tiny_run):
     assert raw["nmflow_version"] == nmflow.__version__
     assert raw["out"] == str(out)
     assert raw["sparsity"] == {"ff": "1:16"}
-    assert raw["decay_end_value"] == 0.01  # the recipe default, spelled out
+    assert (raw["decay_end_value"], raw["decay_fraction"]) == (0.01, 0.25)  # the recipe defaults, spelled out
     reloaded = TrainConfig.from_dict(read_config_file(out / "config.yaml"))
     assert reloaded.recipe() == config.recipe()
     assert (reloaded.steps, reloaded.seed, reloaded.lr) == (config.steps, config.seed, config.lr)
@@ -69,9 +69,9 @@ def test_metrics_follow_the_phases_and_schedules(tiny_run):
     lines = read_metrics(out)
     train_lines = [line for line in lines if "loss" in line]
     assert [line["step"] for line in train_lines] == list(range(1, TINY_STEPS + 1))
-    # Recipe defaults: 5% dense, 15% fine-tuning, exponential D reaching 0.01 at 70% of the steps.
+    # Recipe defaults: 5% dense, 15% fine-tuning, exponential D reaching 0.01 25% of the steps after the dense phase.
     dense_steps, finetune_start = round(0.05 * TINY_STEPS), TINY_STEPS - round(0.15 * TINY_STEPS)
-    beta = math.log(100) / (round(0.7 * TINY_STEPS) - dense_steps)
+    beta = math.log(100) / round(0.25 * TINY_STEPS)
     for line in train_lines:
         step = line["step"] - 1  # the schedule step of this line's forward pass
         if step < dense_steps:

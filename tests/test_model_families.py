@@ -600,7 +600,8 @@ def bad_recipe(kind: str, family: Family, model: nn.Module) -> tuple[nmflow.Reci
     if kind == "unwalkable target":
         return nmflow.Recipe("sdgf-stepwise", {"ff": "3:4"}), nmflow.ConfigError, ["3:4"], []
     assert kind == "decay ends inside the dense phase"
-    return nmflow.Recipe("mdgf-exp", {"ff": "1:4"}, dense_fraction=0.8), nmflow.ConfigError, ["dense phase"], []
+    recipe = nmflow.Recipe("mdgf-exp", {"ff": "1:4"}, dense_fraction=0.8, decay_end_fraction=0.5)
+    return recipe, nmflow.ConfigError, ["dense phase"], []
 
 
 BAD_KINDS = (

@@ -112,13 +112,27 @@ def test_masks_follow_the_weights_every_forward():
     assert torch.equal(model.fc.weight != 0, reference_mask(original.detach(), 1, 4, dim=1))
 
 
-def test_default_decay_rates_end_the_decay_at_70_percent():
+def test_default_decay_takes_a_quarter_of_the_run_after_the_dense_phase():
     plain = dict(sparsity={"ff": "1:8"}, dense_steps=10, finetune_steps=10)
     linear = nmflow.Recipe("mdgf-linear", **plain)
     exp = nmflow.Recipe("mdgf-exp", **plain)
-    # decay ends at step 70 of 100, i.e. 60 steps after the dense phase
-    assert linear.resolved_beta(100) == pytest.approx(1 / 60)
-    assert exp.resolved_beta(100) == pytest.approx(math.log(100) / 60)
+    # 25 of 100 steps from step 10: D reaches 0 (linear) or 0.01 (exponential) at step 35
+    assert linear.resolved_beta(100) == pytest.approx(1 / 25)
+    assert exp.resolved_beta(100) == pytest.approx(math.log(100) / 25)
+    # spelled out, so a saved recipe keeps its decay if the default moves; nothing to spell out otherwise
+    assert nmflow.Recipe.from_dict(exp.to_dict()).decay_fraction == 0.25
+    assert nmflow.Recipe("mdgf-exp", **plain, beta=0.1).decay_fraction is None
+    assert nmflow.Recipe("srste", **plain).decay_fraction is None
+    # any dense phase leaves room for it: the default never ends the decay before the dense phase does
+    late = nmflow.Recipe("mdgf-exp", {"ff": "1:8"}, dense_fraction=0.6, finetune_fraction=0.1)
+    assert late.resolved_beta(100) == pytest.approx(math.log(100) / 25)
+    longer = nmflow.Recipe("mdgf-linear", **plain, decay_fraction=0.5)
+    assert longer.resolved_beta(100) == pytest.approx(1 / 50)
+
+
+def test_decay_end_fraction_ends_the_decay_at_that_fraction_of_the_run():
+    plain = dict(sparsity={"ff": "1:8"}, dense_steps=10, finetune_steps=10)
+    assert nmflow.Recipe("mdgf-linear", **plain, decay_end_fraction=0.7).resolved_beta(100) == pytest.approx(1 / 60)
     custom = nmflow.Recipe("mdgf-exp", **plain, decay_end_fraction=0.5, decay_end_value=0.001)
     assert custom.resolved_beta(100) == pytest.approx(math.log(1000) / 40)
 

@@ -295,6 +295,30 @@ def test_runs_differing_in_any_setting_land_in_separate_labelled_groups(tmp_path
     assert [len(g.runs) for g in groups] == [2, 2]
 
 
+def test_references_join_every_group_of_the_mdgf_settings_they_do_not_take(tmp_path):
+    def write(folder, method, seed, **settings):
+        config = {"task": "language", "method": method, "sparsity": {"ff": "1:32"}, "seed": seed, "steps": STEPS}
+        summary = {**config, **settings, "metric": "perplexity", "test_perplexity": 9.0, "val_perplexity": 9.0}
+        _write_run(tmp_path / folder / str(seed), {**config, **settings}, summary, [])
+
+    for seed in range(2):
+        write("srste", "srste", seed, beta=None, decay_end_fraction=None)
+        for end in (0.3, 0.7):
+            write(f"mdgf-{end}", "mdgf-exp", seed, beta=None, decay_end_fraction=end)
+        write("longer", "srste", seed, steps=2 * STEPS)  # differs in more than the MDGF settings: its own group
+    groups = summarize(collect_runs(tmp_path))
+    assert [g.label for g in groups] == [
+        f"language, decay_end_fraction=0.3, steps={STEPS}",
+        f"language, decay_end_fraction=0.7, steps={STEPS}",
+        f"language, steps={2 * STEPS}",
+    ]
+    assert [sorted(r.path.parent.name for r in g.runs) for g in groups] == [
+        ["mdgf-0.3", "mdgf-0.3", "srste", "srste"],
+        ["mdgf-0.7", "mdgf-0.7", "srste", "srste"],
+        ["longer", "longer"],
+    ]
+
+
 def test_overview_puts_every_group_method_and_pattern_on_one_row(sweep):
     text = (sweep / "report.md").read_text()
     overview = text[text.index("## Overview") : text.index("\n## ", text.index("## Overview") + 1)]

@@ -11,11 +11,11 @@ import nmflow
 T = 24  # dense 0-3, sparse 4-17, finetune 18-23, then past the end
 
 
-def build(seed: int, method: str):
+def build(seed: int, method: str, **options):
     torch.manual_seed(seed)
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
     model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-    recipe = nmflow.Recipe(method, {"ff": "1:8", "qk": "1:4"}, dense_steps=4, finetune_steps=6)
+    recipe = nmflow.Recipe(method, {"ff": "1:8", "qk": "1:4"}, dense_steps=4, finetune_steps=6, **options)
     sp = nmflow.sparsify(model, recipe, total_steps=T, verbose=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     return model, sp, optimizer
@@ -86,6 +86,17 @@ def test_state_from_another_run_is_refused():
         other.load_state_dict(sp.state_dict())
     with pytest.raises(nmflow.ConfigError, match="lacks"):
         other.load_state_dict({"step": 3})
+
+
+def test_an_mdgf_state_saved_before_0_2_keeps_the_decay_it_ran_with():
+    _, sp, _ = build(0, "mdgf-exp")
+    state = sp.state_dict()
+    del state["recipe"]["decay_fraction"]  # how 0.1 saved the default decay, which ended at 70% of the run
+    with pytest.raises(nmflow.ConfigError, match=r"another run.*'decay_end_fraction': 0\.7"):
+        sp.load_state_dict(state)  # resuming under today's default would change the decay mid-run
+    _, pinned, _ = build(0, "mdgf-exp", decay_end_fraction=0.7)
+    pinned.load_state_dict(state)
+    assert pinned.step_count == 0
 
 
 def test_state_survives_a_dtype_change():

@@ -41,6 +41,25 @@ def test_the_plan_covers_the_grid_once_per_run():
     assert max(names.index(run.name) for run in pretrain) < min(names.index(run.name) for run in continued)
 
 
+def test_mdgf_settings_reach_the_mdgf_runs_only():
+    spec = {
+        "seeds": [0],
+        "methods": ["srste", "mdgf-exp", "mdgf-linear"],
+        "patterns": ["1:8"],
+        "config": {"decay_end_fraction": 0.5},
+        "tasks": {"vision": {"steps": 40}, "lm-ft": {"task": "language", "pretrain_steps": 5, **TINY_LANGUAGE}},
+    }
+    configs = {run.name: run.config for run in plan_sweep(spec)}
+    for name in ("vision/ff_1-8/mdgf-exp/seed-0", "lm-ft/ff_1-8/mdgf-linear/seed-0"):
+        assert configs[name]["decay_end_fraction"] == 0.5
+    for name in ("vision/ff_1-8/srste/seed-0", "lm-ft/ff_1-8/srste/seed-0", "lm-ft/pretrain/seed-0"):
+        assert "decay_end_fraction" not in configs[name]
+    # a task that asks for an MDGF setting itself but runs no MDGF method is a mistake
+    spec["tasks"]["vision"] |= {"methods": ["srste"], "beta": 0.01}
+    with pytest.raises(ConfigError, match=r"tasks\.vision: beta: only the mdgf-\* methods take it"):
+        plan_sweep(spec)
+
+
 def test_every_problem_of_a_spec_is_listed_before_any_run(tmp_path):
     spec = {
         "seeds": [0, -1],

@@ -7,7 +7,7 @@ from nmflow.recipes import METHODS, ROLES, Recipe
 from nmflow.schedules import Phase
 from nmflow.sparsifier import Sparsifier, SparsityStatus, sparsify
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "METHODS",

@@ -30,6 +30,7 @@ from nmflow.targets import Segment, Target, is_sharded, resolve_targets
 __all__ = ["Sparsifier", "SparsityStatus", "sparsify"]
 
 _STATE_VERSION = 1
+_DECAY_END_BEFORE_0_2 = 0.7  # the MDGF decay end a state saved before nmflow 0.2 meant by "not given"
 _DYNAMO_RECOMPILE_LIMIT = 8
 _RULES = {"srste": GradientRule.SRSTE, "oneshot": GradientRule.FROZEN}
 
@@ -44,6 +45,15 @@ class SparsityStatus:
     patterns: dict[str, str]  # "layer" or "layer[role]" -> "N:M" or "dense"
     by_key: dict[str, str]  # recipe key -> its current pattern(s), e.g. {"ff": "1:16"}; distinct ones comma-joined
     density: dict[str, float]  # recipe key -> fraction of its weights kept (N/M, weighted by size; 1.0 dense)
+
+
+def _spelled_out(recipe: dict) -> dict:
+    """A saved recipe with the decay it ran with: before 0.2 (no ``decay_fraction`` yet) an MDGF recipe left its
+    default decay end unsaid."""
+    unsaid = "decay_fraction" not in recipe and recipe.get("beta") is None and recipe.get("decay_end_fraction") is None
+    if str(recipe.get("method")).startswith("mdgf") and unsaid:
+        return {**recipe, "decay_end_fraction": _DECAY_END_BEFORE_0_2}
+    return recipe
 
 
 def sparsify(model: nn.Module, recipe: Recipe, total_steps: int, *, verbose: bool = True) -> Sparsifier:
@@ -275,11 +285,12 @@ class Sparsifier:
             raise ConfigError(f"sparsifier state lacks {sorted(missing)}; was it saved by Sparsifier.state_dict()?")
         if state["version"] != _STATE_VERSION:
             raise ConfigError(f"sparsifier state has version {state['version']}, this nmflow reads {_STATE_VERSION}")
-        if state["total_steps"] != self.total_steps or Recipe.from_dict(state["recipe"]) != self.recipe:
+        saved = Recipe.from_dict(_spelled_out(state["recipe"]))
+        if state["total_steps"] != self.total_steps or saved != self.recipe:
             raise ConfigError(
                 "sparsifier state was saved for another run: "
                 f"total_steps {state['total_steps']} vs {self.total_steps}, "
-                f"recipe {state['recipe']} vs {self.recipe.to_dict()}"
+                f"recipe {saved.to_dict()} vs {self.recipe.to_dict()}"
             )
         step = state["step"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:

@@ -16,6 +16,9 @@ before the first run starts::
         steps: 200
         methods: [dense, srste]         # seeds, methods and patterns may be given per task too
 
+The mdgf-* settings (``beta``, ``decay_fraction``, ``decay_end_fraction``) reach only the mdgf-* runs of a
+grid; a task that sets one itself must run an mdgf-* method.
+
 Each run has its own folder, ``OUT/<task name>/<pattern>/<method>/seed-<s>`` (the dense method once per seed,
 ``OUT/<task name>/dense/seed-<s>``), holding ``run.yaml`` (what the sweep asked for), ``log.txt`` and what
 `nmflow train` writes. Run again, the sweep skips finished runs, resumes interrupted ones from their newest
@@ -38,7 +41,7 @@ from typing import Any
 
 from nmflow.errors import ConfigError, NmflowError
 from nmflow.masks import NMPattern
-from nmflow.recipes import METHODS
+from nmflow.recipes import MDGF_ONLY_SETTINGS, METHODS
 
 __all__ = ["Run", "plan_sweep", "run_sweep"]
 
@@ -99,22 +102,31 @@ def plan_sweep(spec: Mapping[str, Any]) -> list[Run]:
         grid = {key: settings.pop(key, spec.get(key)) for key in GRID_KEYS}
         pretrain_steps = settings.pop("pretrain_steps", None)
         seeds, methods, patterns = _check_grid(grid, where, problems)
+        mdgf_only = [k for k in MDGF_ONLY_SETTINGS if k in settings]
+        if mdgf_only and not any(m.startswith("mdgf") for m in methods):
+            problems.append(f"{where}: {', '.join(mdgf_only)}: only the mdgf-* methods take it, and the task runs none")
         base = {**shared, **{k: v for k, v in settings.items() if k not in bad_keys}, "task": task}
         for seed in seeds:
             after = None
             if pretrain_steps is not None:
                 after = f"{label}/pretrain/seed-{seed}"
-                pretrain = {**base, "method": "dense", "steps": pretrain_steps, "seed": seed}
+                pretrain = {**_for_method(base, "dense"), "steps": pretrain_steps, "seed": seed}
                 runs.append(Run(after, {**pretrain, "sparsity": patterns[0] if patterns else {}}))
             for method in methods:
                 for index, sparsity in enumerate(patterns[:1] if method == "dense" else patterns):
                     folder = "dense" if method == "dense" else f"{_pattern_label(sparsity)}/{method}"
-                    config = {**base, "method": method, "sparsity": sparsity, "seed": seed}
+                    config = {**_for_method(base, method), "sparsity": sparsity, "seed": seed}
                     runs.append(Run(f"{label}/{folder}/seed-{seed}", config, after, index))
     problems += _check_runs(runs)
     if problems:
         raise ConfigError("the sweep spec is not valid:\n  " + "\n  ".join(problems))
     return sorted(runs, key=_order)
+
+
+def _for_method(config: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """``config`` for a run of ``method``, without the settings only the mdgf-* methods take."""
+    dropped = () if method.startswith("mdgf") else MDGF_ONLY_SETTINGS
+    return {**{k: v for k, v in config.items() if k not in dropped}, "method": method}
 
 
 def _order(run: Run) -> tuple:

@@ -143,8 +143,11 @@ class TrainConfig:
     beta: float | None = _option(
         None, "MDGF decay rate per step (default: the one that ends the decay on time)", metavar="X"
     )
+    decay_fraction: float | None = _option(
+        None, "MDGF: fraction of the steps the decay takes after the dense phase (default: 0.25)", metavar="F"
+    )
     decay_end_fraction: float | None = _option(
-        None, "MDGF: fraction of the steps where the decay ends (default: 0.7)", metavar="F"
+        None, "MDGF: fraction of the steps where the decay ends, instead of decay_fraction", metavar="F"
     )
     decay_end_value: float | None = _option(None, "MDGF-exp: D at the end of the decay (default: 0.01)", metavar="X")
     srste_lambda: float | None = _option(None, "SR-STE decay of the pruned weights (default: 2e-4)", metavar="X")

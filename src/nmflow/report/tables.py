@@ -12,6 +12,7 @@ from typing import Any
 
 from nmflow.errors import ConfigError
 from nmflow.masks import NMPattern
+from nmflow.recipes import MDGF_ONLY_SETTINGS
 from nmflow.report.runs import Run
 
 METHOD_ORDER = ("dense", "ste", "srste", "oneshot", "mdgf-linear", "mdgf-exp", "sdgf-stepwise", "sdgf-geometric")
@@ -164,9 +165,29 @@ LOGGING_KEYS = {"tensorboard", "log_every", "eval_every", "save_every", "keep_ch
 
 
 def _group_key(run: Run) -> tuple[str, bool, str]:
-    """(task, fine-tuned, the settings shared by the group as text): runs differing elsewhere are not comparable."""
-    shared = {key: value for key, value in run.config.items() if key not in PER_RUN_KEYS | LOGGING_KEYS | {"task"}}
+    """(task, fine-tuned, the settings shared by the group as text): runs differing elsewhere are not comparable.
+    The mdgf-* settings count for the mdgf-* runs only."""
+    ignored = PER_RUN_KEYS | LOGGING_KEYS | {"task"}
+    if not run.method.startswith("mdgf"):
+        ignored |= set(MDGF_ONLY_SETTINGS)
+    shared = {key: value for key, value in run.config.items() if key not in ignored}
     return (str(run.get("task", "?")), run.config.get("init_from") is not None, json.dumps(shared, sort_keys=True))
+
+
+def _share_references(by_key: dict[tuple[str, bool, str], list[Run]]) -> None:
+    """Runs of methods that take no mdgf-* setting join every group that differs from theirs only in those
+    settings: SR-STE and dense are the reference of each MDGF decay tried, not a group of their own."""
+
+    def without_mdgf(key: tuple[str, bool, str]) -> tuple[str, bool, str]:
+        settings = {k: v for k, v in json.loads(key[2]).items() if k not in MDGF_ONLY_SETTINGS}
+        return (key[0], key[1], json.dumps(settings, sort_keys=True))
+
+    for key in [k for k, runs in by_key.items() if not any(r.method.startswith("mdgf") for r in runs)]:
+        targets = [k for k in by_key if k != key and without_mdgf(k) == key]
+        for target in targets:
+            by_key[target] += by_key[key]
+        if targets:
+            del by_key[key]
 
 
 def _group_labels(keys: Iterable[tuple[str, bool, str]]) -> dict[tuple[str, bool, str], str]:
@@ -198,6 +219,7 @@ def summarize(runs: Iterable[Run]) -> list[Group]:
     for run in runs:
         if run.status == "finished" and not run.is_pretraining:
             by_key[_group_key(run)].append(run)
+    _share_references(by_key)
     labels = _group_labels(by_key)
     return [_group(labels[key], by_key[key]) for key in sorted(by_key, key=lambda k: (k[0], k[1], labels[k]))]
 
