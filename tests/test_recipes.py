@@ -130,6 +130,14 @@ def test_default_decay_takes_a_quarter_of_the_run_after_the_dense_phase():
     assert longer.resolved_beta(100) == pytest.approx(1 / 50)
 
 
+@pytest.mark.parametrize("total_steps", [400, 1000, 2000, 4000])
+def test_the_default_decay_is_the_30_percent_end_the_evidence_runs_used(total_steps):
+    # docs/results/defaults and docs/results/scale chose it as decay_end_fraction=0.3 at these run lengths
+    for method in ("mdgf-exp", "mdgf-linear"):
+        measured = nmflow.Recipe(method, {"ff": "1:32"}, decay_end_fraction=0.3).resolved_beta(total_steps)
+        assert nmflow.Recipe(method, {"ff": "1:32"}).resolved_beta(total_steps) == measured
+
+
 def test_decay_end_fraction_ends_the_decay_at_that_fraction_of_the_run():
     plain = dict(sparsity={"ff": "1:8"}, dense_steps=10, finetune_steps=10)
     assert nmflow.Recipe("mdgf-linear", **plain, decay_end_fraction=0.7).resolved_beta(100) == pytest.approx(1 / 60)
