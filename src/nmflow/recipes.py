@@ -155,10 +155,9 @@ class Recipe:
 
     def _check_decay(self) -> None:
         is_mdgf = self.method.startswith("mdgf")
-        for name in MDGF_ONLY_SETTINGS:
-            if getattr(self, name) is not None and not is_mdgf:
-                raise ConfigError(f"{name} only applies to the mdgf-* methods, not {self.method!r}")
         given = [name for name in MDGF_ONLY_SETTINGS if getattr(self, name) is not None]
+        if given and not is_mdgf:
+            raise ConfigError(f"{given[0]} only applies to the mdgf-* methods, not {self.method!r}")
         if len(given) > 1:
             raise ConfigError(f"give one of beta, decay_fraction and decay_end_fraction, not {' and '.join(given)}")
         if is_mdgf and not given:

@@ -29,8 +29,7 @@ from nmflow.targets import Segment, Target, is_sharded, resolve_targets
 
 __all__ = ["Sparsifier", "SparsityStatus", "sparsify"]
 
-_STATE_VERSION = 1
-_DECAY_END_BEFORE_0_2 = 0.7  # the MDGF decay end a state saved before nmflow 0.2 meant by "not given"
+_STATE_VERSION = 2  # 1: nmflow 0.1, whose MDGF recipes left their default decay unsaid (it ended at 70%)
 _DYNAMO_RECOMPILE_LIMIT = 8
 _RULES = {"srste": GradientRule.SRSTE, "oneshot": GradientRule.FROZEN}
 
@@ -47,13 +46,13 @@ class SparsityStatus:
     density: dict[str, float]  # recipe key -> fraction of its weights kept (N/M, weighted by size; 1.0 dense)
 
 
-def _spelled_out(recipe: dict) -> dict:
-    """A saved recipe with the decay it ran with: before 0.2 (no ``decay_fraction`` yet) an MDGF recipe left its
-    default decay end unsaid."""
-    unsaid = "decay_fraction" not in recipe and recipe.get("beta") is None and recipe.get("decay_end_fraction") is None
-    if str(recipe.get("method")).startswith("mdgf") and unsaid:
-        return {**recipe, "decay_end_fraction": _DECAY_END_BEFORE_0_2}
-    return recipe
+def _saved_recipe(state: dict) -> Recipe:
+    """The recipe a state ran with, its decay spelled out as version 2 does."""
+    recipe = dict(state["recipe"])
+    decay_unsaid = recipe.get("beta") is None and recipe.get("decay_end_fraction") is None
+    if state["version"] == 1 and str(recipe.get("method")).startswith("mdgf") and decay_unsaid:
+        recipe["decay_end_fraction"] = 0.7
+    return Recipe.from_dict(recipe)
 
 
 def sparsify(model: nn.Module, recipe: Recipe, total_steps: int, *, verbose: bool = True) -> Sparsifier:
@@ -283,9 +282,9 @@ class Sparsifier:
         missing = {"version", "step", "total_steps", "recipe", "fixed_masks"} - set(state)
         if missing:
             raise ConfigError(f"sparsifier state lacks {sorted(missing)}; was it saved by Sparsifier.state_dict()?")
-        if state["version"] != _STATE_VERSION:
-            raise ConfigError(f"sparsifier state has version {state['version']}, this nmflow reads {_STATE_VERSION}")
-        saved = Recipe.from_dict(_spelled_out(state["recipe"]))
+        if state["version"] not in (1, _STATE_VERSION):
+            raise ConfigError(f"sparsifier state has version {state['version']}, this nmflow reads 1 and 2")
+        saved = _saved_recipe(state)
         if state["total_steps"] != self.total_steps or saved != self.recipe:
             raise ConfigError(
                 "sparsifier state was saved for another run: "
