@@ -21,8 +21,8 @@ import time
 import torch
 
 import nmflow
+from nmflow.app.tasks import build_task
 from nmflow.diagnostics import StepDiagnostics
-from nmflow.tasks import build_task
 
 MODES = ("off", "every step", "1 in 10")
 

@@ -1,6 +1,6 @@
 """How long an N:M mask takes, measured against one elementwise pass (``w.abs()``) over the same weight.
 
-Target: at 1:16 on a 4096x4096 fp32 weight, the per-forward mask (``nmflow.masks.compute_mask``)
+Target: at 1:16 on a 4096x4096 fp32 weight, the per-forward mask (``nmflow.core.masks.compute_mask``)
 costs no more than 3 elementwise passes. Candidates, timed round-robin on the same weight so that
 machine drift hits them alike (medians over the repetitions):
 
@@ -26,7 +26,7 @@ import torch
 from official_baseline import official_mask
 
 from nmflow import NMPattern, nm_mask
-from nmflow.masks import compute_mask
+from nmflow.core.masks import compute_mask
 
 LAYOUTS = {"Linear": 1, "Conv1D": 0}  # layout name -> dim along which groups run
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from nmflow.report import collect_runs
+from nmflow.app.report import collect_runs
 
 SCORES = {"accuracy": ("accuracy", 100.0), "perplexity": ("perplexity", 1.0)}  # summary key suffix, scale
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from nmflow.report import collect_runs
+from nmflow.app.report import collect_runs
 
 
 def _stats(values: list[float], digits: int = 2) -> str:

@@ -80,7 +80,7 @@ def nonzeros_per_group(tensor: torch.Tensor, m: int, in_dim: int) -> torch.Tenso
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
     """Exit status and stderr of ``nmflow <args>`` run in process."""
-    from nmflow.cli import main
+    from nmflow.app.cli import main
 
     try:
         status = main(args)

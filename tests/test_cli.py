@@ -15,10 +15,10 @@ import yaml
 from helpers import run_cli
 
 import nmflow
-from nmflow.cli import main
-from nmflow.data import load_digits_splits
-from nmflow.tasks import VIT_CONFIG
-from nmflow.train import TrainConfig, read_config_file, train
+from nmflow.app.cli import main
+from nmflow.app.data import load_digits_splits
+from nmflow.app.tasks import VIT_CONFIG
+from nmflow.app.train import TrainConfig, read_config_file, train
 
 TINY_STEPS = 30
 OUTPUT_FILES = {
@@ -218,6 +218,7 @@ def test_console_command_runs_quietly(tmp_path):
 
 
 def test_cli_and_train_keep_heavy_imports_out_of_import_time():
-    code = "import sys, nmflow.cli, nmflow.train; print(sorted({'transformers', 'sklearn', 'yaml'} & set(sys.modules)))"
+    heavy = "{'transformers', 'sklearn', 'yaml'}"
+    code = f"import sys, nmflow.app.cli, nmflow.app.train; print(sorted({heavy} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from nmflow.data import (
+from nmflow.app.data import (
     ImageSplits,
     load_digits_splits,
     load_image_splits,
@@ -20,7 +20,7 @@ from nmflow.data import (
     random_windows,
     text_windows,
 )
-from nmflow.errors import ConfigError
+from nmflow.core.errors import ConfigError
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from reference import reference_mask
 
 import nmflow
-from nmflow.masks import NMPattern, compute_mask
+from nmflow.core.masks import NMPattern, compute_mask
 
 
 @st.composite

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from nmflow import METHODS
-from nmflow.errors import ConfigError
-from nmflow.report import collect_runs, pareto_frontier, read_metrics, render_table, summarize, write_report
+from nmflow.app.report import collect_runs, pareto_frontier, read_metrics, render_table, summarize, write_report
+from nmflow.core.errors import ConfigError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STEPS = 40
@@ -334,7 +334,7 @@ def test_overview_puts_every_group_method_and_pattern_on_one_row(sweep):
 
 
 def test_diagnostics_table_reduces_the_sparse_window_per_run_then_over_seeds(tmp_path):
-    from nmflow.report.tables import diagnostics_table
+    from nmflow.app.report.tables import diagnostics_table
 
     rng = np.random.default_rng(0)
     expected = {}
@@ -356,7 +356,7 @@ def test_diagnostics_table_reduces_the_sparse_window_per_run_then_over_seeds(tmp
 
 
 def test_schedule_plot_shows_mdgf_d_in_every_phase(tmp_path):
-    from nmflow.report.plots import MDGF_D_BY_PHASE, _PlotData, _step_series
+    from nmflow.app.report.plots import MDGF_D_BY_PHASE, _PlotData, _step_series
 
     phases = [("dense", None), ("sparse", 0.5), ("sparse", 0.25), ("finetune", None)]
     lines = [{"step": i + 1, "phase": phase, "D": d} for i, (phase, d) in enumerate(phases)]

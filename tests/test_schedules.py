@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import nmflow
-from nmflow.masks import NMPattern
-from nmflow.schedules import Phase, PhasePlan, geometric_patterns, stepwise_patterns
+from nmflow.core.masks import NMPattern
+from nmflow.core.schedules import Phase, PhasePlan, geometric_patterns, stepwise_patterns
 
 
 def P(text):

@@ -8,7 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import nmflow
-from nmflow.errors import ConfigError
+from nmflow.core.errors import ConfigError
 from nmflow.semi_structured import convert, is_two_four_valid, plan
 
 

@@ -7,8 +7,8 @@ import pytest
 import yaml
 from helpers import run_cli
 
-from nmflow.errors import ConfigError
-from nmflow.sweep import plan_sweep
+from nmflow.app.sweep import plan_sweep
+from nmflow.core.errors import ConfigError
 
 TINY_LANGUAGE = {"model": {"n_embd": 32, "n_head": 2, "n_layer": 1}, "block_size": 16, "batch_size": 8}
 SHARED = {"log_every": 2, "eval_every": 3, "save_every": 3, "tensorboard": False}

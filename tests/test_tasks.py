@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from nmflow.errors import ConfigError
-from nmflow.tasks import build_task
-from nmflow.train import TrainConfig, train
+from nmflow.app.tasks import build_task
+from nmflow.app.train import TrainConfig, train
+from nmflow.core.errors import ConfigError
 
 TINY_LM = {"n_embd": 32, "n_head": 2, "n_layer": 1}
 QUIET = {"tensorboard": False, "eval_every": 4, "log_every": 2}

@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nmflow.cli import main
-from nmflow.errors import ConfigError
-from nmflow.train import TrainConfig, train
+from nmflow.app.cli import main
+from nmflow.app.train import TrainConfig, train
+from nmflow.core.errors import ConfigError
 
 STEPS = 30
 SAVE_EVERY = 15

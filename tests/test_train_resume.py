@@ -14,8 +14,8 @@ import torch
 from helpers import run_cli
 from safetensors.torch import load_file
 
-from nmflow import checkpoint
-from nmflow.train import TrainConfig, train
+from nmflow.app import checkpoint
+from nmflow.app.train import TrainConfig, train
 
 STEPS = 30
 PHASES = {"dense": (0, 10), "sparse": (10, 20), "finetune": (20, 30)}  # dense_steps=10, finetune_steps=10
@@ -25,14 +25,14 @@ RUN_FLAGS += ["--save-every", str(SAVE_EVERY), "--log-every", "1", "--eval-every
 # Runs `nmflow train` and kills its own process with SIGKILL as step KILL_AT (0-based) begins.
 KILLING_RUNNER = """
 import os, signal, sys
-import nmflow.train
-kill_at, learning_rate = int(sys.argv[1]), nmflow.train.learning_rate
+import nmflow.app.train
+kill_at, learning_rate = int(sys.argv[1]), nmflow.app.train.learning_rate
 def learning_rate_or_die(step, config):
     if step == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
     return learning_rate(step, config)
-nmflow.train.learning_rate = learning_rate_or_die
-from nmflow.cli import main
+nmflow.app.train.learning_rate = learning_rate_or_die
+from nmflow.app.cli import main
 main(sys.argv[2:])
 """
 
@@ -98,7 +98,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path, mon
 
     original = checkpoint.save_checkpoint
     monkeypatch.setattr(
-        "nmflow.train.save_checkpoint",
+        "nmflow.app.train.save_checkpoint",
         lambda *args, **kwargs: original(*args, **kwargs, write_model=save_file_failing_on_the_second_save),
     )
     out = tmp_path / "run"
@@ -142,10 +142,10 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(damaged_copy, capsys, f
 
 def test_a_checkpoint_of_another_model_changes_nothing(uninterrupted):
     """Every tensor is checked before any is assigned: a failed restore leaves model and optimizer as they were."""
-    from nmflow.recipes import Recipe
-    from nmflow.sparsifier import sparsify
-    from nmflow.tasks import build_task
-    from nmflow.train import _optimizer
+    from nmflow.app.tasks import build_task
+    from nmflow.app.train import _optimizer
+    from nmflow.core.recipes import Recipe
+    from nmflow.core.sparsifier import sparsify
 
     saved = checkpoint.read_checkpoint(uninterrupted / "checkpoints" / f"step-{STEPS}")
     renamed = dict(saved.model)

@@ -29,8 +29,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from nmflow.errors import ConfigError
-from nmflow.targets import _layout
+from nmflow.core.errors import ConfigError
+from nmflow.core.targets import _layout
 
 FORMAT = "nmflow-nm"
 VERSION = 1

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from nmflow.sparsifier import Sparsifier
+from nmflow.core.sparsifier import Sparsifier
 
 __all__ = ["StepDiagnostics", "flip_rate"]
 

@@ -29,8 +29,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
-from nmflow.errors import ConfigError, NmflowError
-from nmflow.sparsifier import Sparsifier
+from nmflow.core.errors import ConfigError, NmflowError
+from nmflow.core.sparsifier import Sparsifier
 
 __all__ = [
     "FlopsCount",

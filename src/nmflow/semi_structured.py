@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nmflow.errors import ConfigError
+from nmflow.core.errors import ConfigError
 
 __all__ = ["Candidate", "convert", "is_two_four_valid", "plan"]
 

@@ -23,11 +23,11 @@ import warnings
 import torch
 from transformers import DefaultFlowCallback, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from nmflow.core.errors import ConfigError
+from nmflow.core.recipes import Recipe
+from nmflow.core.schedules import Phase
+from nmflow.core.sparsifier import Sparsifier, sparsify
 from nmflow.diagnostics import StepDiagnostics
-from nmflow.errors import ConfigError
-from nmflow.recipes import Recipe
-from nmflow.schedules import Phase
-from nmflow.sparsifier import Sparsifier, sparsify
 
 __all__ = ["STATE_FILE", "NMSparsityCallback"]
 

@@ -16,8 +16,8 @@ from enum import Enum
 import torch
 from torch import nn
 
-from nmflow.masks import NMPattern, compute_mask
-from nmflow.targets import Target
+from nmflow.core.masks import NMPattern, compute_mask
+from nmflow.core.targets import Target
 
 __all__ = ["GradientRule", "NMParametrization"]
 

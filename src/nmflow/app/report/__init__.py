@@ -19,10 +19,9 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from nmflow.errors import ConfigError
-from nmflow.report.plots import _draw_plots, pareto_frontier
-from nmflow.report.runs import Run, collect_runs, read_metrics
-from nmflow.report.tables import (
+from nmflow.app.report.plots import _draw_plots, pareto_frontier
+from nmflow.app.report.runs import Run, collect_runs, read_metrics
+from nmflow.app.report.tables import (
     Cell,
     Comparison,
     Group,
@@ -35,6 +34,7 @@ from nmflow.report.tables import (
     render_table,
     summarize,
 )
+from nmflow.core.errors import ConfigError
 
 __all__ = [
     "Cell",
@@ -107,7 +107,7 @@ def _pretraining_note(runs: list[Run]) -> list[str]:
 
 def _not_started(root: Path, runs: list[Run]) -> list[str]:
     """The runs the sweep spec in ``root`` plans that have no folder yet (a sweep still going, or stopped)."""
-    from nmflow.sweep import plan_sweep, read_spec
+    from nmflow.app.sweep import plan_sweep, read_spec
 
     if not (root / "sweep.yaml").is_file():
         return []

@@ -1,4 +1,4 @@
-"""The report's figures. matplotlib is imported only when drawing, so `import nmflow.report` stays light."""
+"""The report's figures. matplotlib is imported only when drawing, so `import nmflow.app.report` stays light."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nmflow.report.runs import Run, read_metrics
-from nmflow.report.tables import (
+from nmflow.app.report.runs import Run, read_metrics
+from nmflow.app.report.tables import (
     METHOD_ORDER,
     METRICS,
     PRIMARY,

@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from nmflow.errors import ConfigError, FinalizedError, NmflowError, NonFiniteWeightError
-from nmflow.masks import NMPattern, realized_n
-from nmflow.parametrization import GradientRule, NMParametrization
-from nmflow.recipes import Recipe
-from nmflow.schedules import Phase
-from nmflow.targets import Segment, Target, is_sharded, resolve_targets
+from nmflow.core.errors import ConfigError, FinalizedError, NmflowError, NonFiniteWeightError
+from nmflow.core.masks import NMPattern, realized_n
+from nmflow.core.parametrization import GradientRule, NMParametrization
+from nmflow.core.recipes import Recipe
+from nmflow.core.schedules import Phase
+from nmflow.core.targets import Segment, Target, is_sharded, resolve_targets
 
 __all__ = ["Sparsifier", "SparsityStatus", "sparsify"]
 

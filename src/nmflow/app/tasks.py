@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nmflow.data import ImageSplits, Split, TextSplits, batch_indices, random_windows, text_windows
-from nmflow.errors import ConfigError
+from nmflow.app.data import ImageSplits, Split, TextSplits, batch_indices, random_windows, text_windows
+from nmflow.core.errors import ConfigError
 
 __all__ = ["GPT2_CONFIG", "TASKS", "VIT_CONFIG", "LanguageTask", "Task", "VisionTask", "build_task"]
 
@@ -75,7 +75,7 @@ def build_task(
     image_size: int | None,
 ) -> Task:
     """Load the data of task ``name`` onto ``device`` and check the model overrides; errors name the culprit."""
-    from nmflow import data as loaders
+    from nmflow.app import data as loaders
 
     if name == "vision":
         if data is None:

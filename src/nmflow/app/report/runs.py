@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from nmflow.errors import ConfigError
-from nmflow.masks import NMPattern
+from nmflow.core.errors import ConfigError
+from nmflow.core.masks import NMPattern
 
 SKIPPED_FOLDERS = {"checkpoints", "tensorboard"}
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nmflow.errors import ConfigError, NonFiniteWeightError
+from nmflow.core.errors import ConfigError, NonFiniteWeightError
 
 __all__ = ["NMPattern", "is_nm", "nm_mask", "realized_n"]
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nmflow.errors import ConfigError
+from nmflow.core.errors import ConfigError
 
 __all__ = [
     "ImageSplits",

@@ -8,7 +8,7 @@
     nmflow train --resume runs/mdgf-exp-20250101-120000   # continue a run from its latest checkpoint
     nmflow train --method mdgf-exp --init-from runs/dense # continue a finished (dense) run under a recipe
 
-The tasks, their models and data are in `nmflow.tasks`. From Python:
+The tasks, their models and data are in `nmflow.app.tasks`. From Python:
 ``summary = train(TrainConfig(method="ste", steps=300))``.
 
 A run writes into its output folder:
@@ -24,7 +24,7 @@ A run writes into its output folder:
 * ``model.safetensors`` + ``config.json``: the finalized model, for ``ViTForImageClassification`` or
   ``GPT2LMHeadModel.from_pretrained``.
 * ``checkpoints/step-<N>/``: every ``save_every`` steps and at the last one, the newest ``keep_checkpoints``
-  kept (see `nmflow.checkpoint`). ``--resume`` continues from the newest; on one CPU thread the resumed run
+  kept (see `nmflow.app.checkpoint`). ``--resume`` continues from the newest; on one CPU thread the resumed run
   ends with the same weights, bit for bit, and the same ``metrics.jsonl`` as a run never stopped.
 * ``tensorboard/``: the scalars of the metrics lines (``train/loss``, ``train/lr``, ``train/D``,
   ``density/<key>``, ``grad_abs_var/<key>``, ..., ``val/loss``, ``val/<metric>``), unless ``--no-tensorboard``.
@@ -59,13 +59,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nmflow import __version__
-from nmflow.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint, restore, save_checkpoint
+from nmflow.app.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint, restore, save_checkpoint
+from nmflow.app.tasks import TASKS, VIT_CONFIG, Task, build_task
+from nmflow.core.errors import ConfigError
+from nmflow.core.recipes import METHODS, Recipe
+from nmflow.core.sparsifier import Sparsifier, sparsify
 from nmflow.diagnostics import StepDiagnostics
-from nmflow.errors import ConfigError
 from nmflow.flops import count_inference_flops, final_densities, training_flops, training_flops_until
-from nmflow.recipes import METHODS, Recipe
-from nmflow.sparsifier import Sparsifier, sparsify
-from nmflow.tasks import TASKS, VIT_CONFIG, Task, build_task
 
 __all__ = [
     "RESUME_OVERRIDES",

@@ -2,8 +2,8 @@
 
     nmflow train [--method M] [--sparsity ROLE=N:M ...] [--steps T] [--config FILE] ...
     nmflow train --resume DIR      # continue the run in DIR from its newest checkpoint
-    nmflow sweep SPEC.yaml --out DIR [--jobs K]   # a grid of runs, several at once (see nmflow.sweep)
-    nmflow report DIR              # markdown tables and plots of the runs in DIR (see nmflow.report)
+    nmflow sweep SPEC.yaml --out DIR [--jobs K]   # a grid of runs, several at once (see nmflow.app.sweep)
+    nmflow report DIR              # markdown tables and plots of the runs in DIR (see nmflow.app.report)
 
 Errors in the input end the command with one line, ``nmflow: error: ...``, and exit status 2.
 """
@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from typing import Any, NoReturn
 
-from nmflow.errors import ConfigError, NmflowError
-from nmflow.masks import NMPattern
-from nmflow.recipes import ROLES
+from nmflow.core.errors import ConfigError, NmflowError
+from nmflow.core.masks import NMPattern
+from nmflow.core.recipes import ROLES
 
 __all__ = ["main"]
 
@@ -56,7 +56,7 @@ def _fail(err: Exception, status: int) -> int:
 
 # ----------------------------------------------------------------------------- nmflow train
 def _add_train_command(commands: Any) -> None:
-    from nmflow.train import RECIPE_OPTIONS, TrainConfig
+    from nmflow.app.train import RECIPE_OPTIONS, TrainConfig
 
     command = commands.add_parser(
         "train",
@@ -105,7 +105,7 @@ def _add_train_command(commands: Any) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from nmflow.train import TrainConfig, read_config_file, resume_config, train
+    from nmflow.app.train import TrainConfig, read_config_file, resume_config, train
 
     given = vars(args)
     flags = {k: v for k, v in given.items() if k not in ("command", "run", "config", "overwrite", "resume")}
@@ -128,7 +128,7 @@ def _add_sweep_command(commands: Any) -> None:
     command = commands.add_parser(
         "sweep",
         help="train a grid of tasks x methods x patterns x seeds",
-        description="Train every run of a sweep spec (YAML; see nmflow.sweep), several processes at once. "
+        description="Train every run of a sweep spec (YAML; see nmflow.app.sweep), several processes at once. "
         "Finished runs are skipped, interrupted ones resumed, failed ones retried.",
     )
     command.add_argument("spec", metavar="SPEC", help="the sweep spec, a YAML file")
@@ -139,7 +139,7 @@ def _add_sweep_command(commands: Any) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from nmflow.sweep import plan_sweep, read_spec, run_sweep
+    from nmflow.app.sweep import plan_sweep, read_spec, run_sweep
 
     if args.dry_run:
         runs = plan_sweep(read_spec(args.spec))
@@ -164,7 +164,7 @@ def _add_report_command(commands: Any) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from nmflow.report import write_report
+    from nmflow.app.report import write_report
 
     path = write_report(args.runs_dir, args.out)
     print(f"nmflow report: {path}")

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from nmflow import __version__
-from nmflow.errors import NmflowError
-from nmflow.sparsifier import Sparsifier
+from nmflow.core.errors import NmflowError
+from nmflow.core.sparsifier import Sparsifier
 
 __all__ = [
     "CHECKPOINT_FOLDER",

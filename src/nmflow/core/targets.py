@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from nmflow.errors import ConfigError, NoMatchingTargetError
-from nmflow.masks import NMPattern
-from nmflow.recipes import Recipe
-from nmflow.schedules import geometric_patterns, stepwise_patterns
+from nmflow.core.errors import ConfigError, NoMatchingTargetError
+from nmflow.core.masks import NMPattern
+from nmflow.core.recipes import Recipe
+from nmflow.core.schedules import geometric_patterns, stepwise_patterns
 
 __all__ = ["ROLE_RULES", "Segment", "Target", "resolve_targets"]
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from nmflow.errors import ConfigError
-from nmflow.masks import NMPattern
+from nmflow.core.errors import ConfigError
+from nmflow.core.masks import NMPattern
 
 __all__ = [
     "DecaySchedule",

@@ -39,9 +39,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from nmflow.errors import ConfigError, NmflowError
-from nmflow.masks import NMPattern
-from nmflow.recipes import MDGF_ONLY_SETTINGS, METHODS
+from nmflow.core.errors import ConfigError, NmflowError
+from nmflow.core.masks import NMPattern
+from nmflow.core.recipes import MDGF_ONLY_SETTINGS, METHODS
 
 __all__ = ["Run", "plan_sweep", "run_sweep"]
 
@@ -63,7 +63,7 @@ class Run:
 
 
 def read_spec(path: str | Path) -> dict[str, Any]:
-    from nmflow.train import read_config_file
+    from nmflow.app.train import read_config_file
 
     try:
         return read_config_file(path)
@@ -73,8 +73,8 @@ def read_spec(path: str | Path) -> dict[str, Any]:
 
 def plan_sweep(spec: Mapping[str, Any]) -> list[Run]:
     """Every run of ``spec``, pretraining runs first; raises one `ConfigError` listing all that is wrong."""
-    from nmflow.tasks import TASKS
-    from nmflow.train import TrainConfig
+    from nmflow.app.tasks import TASKS
+    from nmflow.app.train import TrainConfig
 
     problems: list[str] = []
     train_keys = {f.name for f in fields(TrainConfig)} - set(RUN_OWNED)
@@ -166,9 +166,9 @@ def _check_grid(grid: Mapping[str, Any], where: str, problems: list[str]) -> tup
 
 def _check_runs(runs: list[Run]) -> list[str]:
     """Each run's config and recipe, checked against its task's model (one model built per task and overrides)."""
-    from nmflow.targets import resolve_targets
-    from nmflow.tasks import build_task
-    from nmflow.train import TrainConfig
+    from nmflow.app.tasks import build_task
+    from nmflow.app.train import TrainConfig
+    from nmflow.core.targets import resolve_targets
 
     problems, models = [], {}
     for run in runs:

@@ -26,9 +26,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from nmflow.errors import ConfigError
-from nmflow.masks import NMPattern
-from nmflow.schedules import DecaySchedule, PhasePlan, exponential_decay, linear_decay
+from nmflow.core.errors import ConfigError
+from nmflow.core.masks import NMPattern
+from nmflow.core.schedules import DecaySchedule, PhasePlan, exponential_decay, linear_decay
 
 __all__ = ["MDGF_ONLY_SETTINGS", "METHODS", "ROLES", "Recipe"]
 

@@ -10,10 +10,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from nmflow.errors import ConfigError
-from nmflow.masks import NMPattern
-from nmflow.recipes import MDGF_ONLY_SETTINGS
-from nmflow.report.runs import Run
+from nmflow.app.report.runs import Run
+from nmflow.core.errors import ConfigError
+from nmflow.core.masks import NMPattern
+from nmflow.core.recipes import MDGF_ONLY_SETTINGS
 
 METHOD_ORDER = ("dense", "ste", "srste", "oneshot", "mdgf-linear", "mdgf-exp", "sdgf-stepwise", "sdgf-geometric")
 DECAYING = ("mdgf-linear", "mdgf-exp", "sdgf-stepwise", "sdgf-geometric")
@@ -363,7 +363,7 @@ DIAGNOSTICS = (  # (metrics key, column title, reduction over the sparse window)
 def diagnostics_table(group: Group, key: str = "ff") -> list[str]:
     """The paper's §4 statistics per method at the focus pattern, reduced over the sparse window (the steps
     between the dense phase and fine-tuning; the dense method over the same steps): mean ± std over seeds."""
-    from nmflow.report.runs import read_metrics
+    from nmflow.app.report.runs import read_metrics
 
     focus = _focus_pattern(group)
     runs = [r for r in group.runs if r.method == "dense" or (focus and pattern_label(r.sparsity) == focus)]
