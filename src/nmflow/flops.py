@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
 from nmflow.core.errors import ConfigError, NmflowError
+from nmflow.core.recipes import GradientRule
 from nmflow.core.sparsifier import Sparsifier
 
 __all__ = [
@@ -166,15 +167,7 @@ def _with_densities(rows: list[LayerFlops], densities: Mapping[str, float]) -> l
 
 def densities_at(sp: Sparsifier, step: int) -> dict[str, float]:
     """Fraction of weights the patterns keep at ``step``, per sparsified module (a soft MDGF mask counts N/M too)."""
-    kept: dict[str, float] = {}
-    sizes: dict[str, int] = {}
-    for t in sp.targets:
-        size = sp.trainable_weight(t).numel()
-        patterns = sp.patterns_at(t, step)
-        share = sum((s.stop - s.start) * (1.0 if p is None else p.density) for s, p in zip(t.segments, patterns))
-        kept[t.name] = kept.get(t.name, 0.0) + size * share / t.out_size
-        sizes[t.name] = sizes.get(t.name, 0) + size
-    return {name: kept[name] / sizes[name] for name in kept}
+    return sp.densities_at(step, by="module")
 
 
 def final_densities(sp: Sparsifier) -> dict[str, float]:
@@ -199,12 +192,13 @@ def training_flops_until(sp: Sparsifier, per_example: FlopsCount, examples_per_s
         raise ConfigError(f"per_example has no weight row for the sparsified modules {missing}; count the same model")
     fixed = 3 * (per_example.dense_total - sum(weight_rows[name] for name in {t.name for t in sp.targets}))
     bounds = sorted({0, step} | {b for b in sp.change_points() if b < step})
+    sparse_weight_gradient = sp.recipe.spec.gradient is GradientRule.FROZEN  # pruned weights get no gradient
     total = 0
     for start, stop in zip(bounds, bounds[1:]):
-        soft = (decay := sp.decay_at(start)) is not None and decay > 0
+        soft = sp.schedule.soft(start)
         per_step = fixed
         for name, density in densities_at(sp, start).items():
             s = 1.0 if soft else density
-            per_step += weight_rows[name] * (2 * s + (s if sp.recipe.method == "oneshot" else 1.0))
+            per_step += weight_rows[name] * (2 * s + (s if sparse_weight_gradient else 1.0))
         total += (stop - start) * per_step
     return round(total * examples_per_step)

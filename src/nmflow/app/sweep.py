@@ -41,7 +41,7 @@ from typing import Any
 
 from nmflow.core.errors import ConfigError, NmflowError
 from nmflow.core.masks import NMPattern
-from nmflow.core.recipes import MDGF_ONLY_SETTINGS, METHODS
+from nmflow.core.recipes import MDGF_ONLY_SETTINGS, METHODS, takes_decay
 
 __all__ = ["Run", "plan_sweep", "run_sweep"]
 
@@ -103,7 +103,7 @@ def plan_sweep(spec: Mapping[str, Any]) -> list[Run]:
         pretrain_steps = settings.pop("pretrain_steps", None)
         seeds, methods, patterns = _check_grid(grid, where, problems)
         mdgf_only = [k for k in MDGF_ONLY_SETTINGS if k in settings]
-        if mdgf_only and not any(m.startswith("mdgf") for m in methods):
+        if mdgf_only and not any(takes_decay(m) for m in methods):
             problems.append(f"{where}: {', '.join(mdgf_only)}: only the mdgf-* methods take it, and the task runs none")
         base = {**shared, **{k: v for k, v in settings.items() if k not in bad_keys}, "task": task}
         for seed in seeds:
@@ -125,7 +125,7 @@ def plan_sweep(spec: Mapping[str, Any]) -> list[Run]:
 
 def _for_method(config: Mapping[str, Any], method: str) -> dict[str, Any]:
     """``config`` for a run of ``method``, without the settings only the mdgf-* methods take."""
-    dropped = () if method.startswith("mdgf") else MDGF_ONLY_SETTINGS
+    dropped = () if takes_decay(method) else MDGF_ONLY_SETTINGS
     return {**{k: v for k, v in config.items() if k not in dropped}, "method": method}
 
 

@@ -579,7 +579,7 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
 
 def _phases(sp: Sparsifier) -> dict[str, list[int]]:
     plan = sp.plan
-    if not sp.masks_applied:
+    if not sp.schedule.masked:
         return {"dense": [0, plan.total_steps]}
     return {
         "dense": [0, plan.sparse_start],

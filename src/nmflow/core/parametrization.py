@@ -11,21 +11,14 @@ straight-through rule and the 1-byte boolean mask for the other two.
 
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 from torch import nn
 
 from nmflow.core.masks import NMPattern, compute_mask
+from nmflow.core.recipes import GradientRule
 from nmflow.core.targets import Target
 
-__all__ = ["GradientRule", "NMParametrization"]
-
-
-class GradientRule(str, Enum):
-    STRAIGHT_THROUGH = "ste"
-    SRSTE = "srste"
-    FROZEN = "frozen"  # pruned weights get no gradient
+__all__ = ["NMParametrization"]
 
 
 class _MaskedWeight(torch.autograd.Function):

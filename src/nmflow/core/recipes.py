@@ -24,24 +24,68 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 from typing import Any
 
 from nmflow.core.errors import ConfigError
 from nmflow.core.masks import NMPattern
-from nmflow.core.schedules import DecaySchedule, PhasePlan, exponential_decay, linear_decay
+from nmflow.core.schedules import DecaySchedule, PhasePlan, RunSchedule, exponential_decay, linear_decay
 
-__all__ = ["MDGF_ONLY_SETTINGS", "METHODS", "ROLES", "Recipe"]
+__all__ = [
+    "MDGF_ONLY_SETTINGS",
+    "METHODS",
+    "METHOD_TABLE",
+    "ROLES",
+    "GradientRule",
+    "MethodSpec",
+    "Recipe",
+    "takes_decay",
+]
 
-METHODS = (
-    "dense",
-    "ste",
-    "srste",
-    "oneshot",
-    "mdgf-linear",
-    "mdgf-exp",
-    "sdgf-stepwise",
-    "sdgf-geometric",
-)
+
+class GradientRule(str, Enum):
+    """What reaches the dense weight W in the backward pass."""
+
+    STRAIGHT_THROUGH = "ste"  # W_eff's gradient, unchanged, pruned weights included
+    SRSTE = "srste"  # plus srste_lambda * (1 - mask) * W
+    FROZEN = "frozen"  # pruned weights get none
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method does; every module reads this table instead of testing method names."""
+
+    gradient: GradientRule = GradientRule.STRAIGHT_THROUGH
+    applies_masks: bool = True  # False: the dense reference run
+    decay: str | None = None  # MDGF: "linear" or "exponential" D on pruned weights over the sparse phase
+    walk: str | None = None  # SDGF: "stepwise" or "geometric" pattern walk over the sparse phase
+    fixed_mask: bool = False  # the mask is taken once, at the end of the dense phase, and kept
+
+    @property
+    def progressive(self) -> bool:
+        """Whether gradient flow to pruned weights is withdrawn gradually (the paper's MDGF and SDGF)."""
+        return self.decay is not None or self.walk is not None
+
+
+METHOD_TABLE: dict[str, MethodSpec] = {
+    "dense": MethodSpec(applies_masks=False),
+    "ste": MethodSpec(),
+    "srste": MethodSpec(GradientRule.SRSTE),
+    "oneshot": MethodSpec(GradientRule.FROZEN, fixed_mask=True),
+    "mdgf-linear": MethodSpec(decay="linear"),
+    "mdgf-exp": MethodSpec(decay="exponential"),
+    "sdgf-stepwise": MethodSpec(walk="stepwise"),
+    "sdgf-geometric": MethodSpec(walk="geometric"),
+}
+METHODS = tuple(METHOD_TABLE)
+
+
+def takes_decay(method: str) -> bool:
+    """Whether ``method`` (any name, e.g. one read from a run's config) is an MDGF method taking the decay settings."""
+    spec = METHOD_TABLE.get(method)
+    return spec is not None and spec.decay is not None
+
+
 ROLES = ("ff", "q", "k", "v", "qk", "qkv", "attn_out")
 """Role names a recipe may use, besides ``re:<regex>`` on full module names."""
 
@@ -118,7 +162,7 @@ class Recipe:
     def _checked_sparsity(self) -> dict[str, NMPattern]:
         if not isinstance(self.sparsity, Mapping):
             raise ConfigError(f"sparsity must map roles to patterns, e.g. {{'ff': '1:16'}}, got {self.sparsity!r}")
-        if not self.sparsity and self.method != "dense":
+        if not self.sparsity and self.spec.applies_masks:
             raise ConfigError(f"method {self.method!r} needs at least one target in sparsity, e.g. {{'ff': '1:16'}}")
         checked = {}
         for role, pattern in self.sparsity.items():
@@ -154,7 +198,7 @@ class Recipe:
             )
 
     def _check_decay(self) -> None:
-        is_mdgf = self.method.startswith("mdgf")
+        is_mdgf = self.spec.decay is not None
         given = [name for name in MDGF_ONLY_SETTINGS if getattr(self, name) is not None]
         if given and not is_mdgf:
             raise ConfigError(f"{given[0]} only applies to the mdgf-* methods, not {self.method!r}")
@@ -177,12 +221,12 @@ class Recipe:
         value = self.patterns
         if value is None:
             return None
-        if not (self.method.startswith("sdgf") or self.method.startswith("mdgf")):
+        if not self.spec.progressive:
             raise ConfigError(f"patterns only apply to the sdgf-* and mdgf-* methods, not {self.method!r}")
         if isinstance(value, str):
             if value not in WALKS:
                 raise ConfigError(f"patterns must be 'stepwise', 'geometric' or a list of 'N:M', got {value!r}")
-            if self.method.startswith("sdgf"):
+            if self.spec.walk is not None:
                 raise ConfigError(f"{self.method} already walks its own sequence; give an explicit list or nothing")
             return value
         if isinstance(value, Mapping):
@@ -204,6 +248,11 @@ class Recipe:
 
     # ----------------------------------------------------------------- derived values
     @property
+    def spec(self) -> MethodSpec:
+        """What this recipe's method does (`METHOD_TABLE`)."""
+        return METHOD_TABLE[self.method]
+
+    @property
     def _dense_fraction(self) -> float:
         if self.dense_fraction is not None:
             return self.dense_fraction
@@ -222,9 +271,7 @@ class Recipe:
             return "explicit"
         if self.patterns is not None:
             return self.patterns
-        if self.method.startswith("sdgf"):
-            return self.method.removeprefix("sdgf-")
-        return None
+        return self.spec.walk
 
     def phase_plan(self, total_steps: int) -> PhasePlan:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
@@ -239,7 +286,7 @@ class Recipe:
 
     def resolved_beta(self, total_steps: int) -> float | None:
         """The MDGF rate per step: ``beta`` if given, else the one that finishes the decay on time."""
-        if not self.method.startswith("mdgf"):
+        if self.spec.decay is None:
             return None
         if self.beta is not None:
             return float(self.beta)
@@ -253,7 +300,7 @@ class Recipe:
                     f"the dense phase does (step {dense_steps}); give a later end or decay_fraction instead"
                 )
             length = end - dense_steps
-        if self.method == "mdgf-linear":
+        if self.spec.decay == "linear":
             return 1.0 / length
         return math.log(1.0 / self.decay_end_value) / length
 
@@ -261,7 +308,14 @@ class Recipe:
         beta = self.resolved_beta(total_steps)
         if beta is None:
             return None
-        return linear_decay(beta) if self.method == "mdgf-linear" else exponential_decay(beta)
+        return linear_decay(beta) if self.spec.decay == "linear" else exponential_decay(beta)
+
+    def schedule(self, total_steps: int) -> RunSchedule:
+        """This recipe over a run of ``total_steps`` optimizer steps; raises if the run cannot hold it."""
+        plan = self.phase_plan(total_steps)
+        return RunSchedule(
+            plan, self.spec.applies_masks, self.decay_schedule(total_steps), self.resolved_beta(total_steps)
+        )
 
     # ----------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -5,12 +5,14 @@ A run of ``total_steps`` T is split into three phases (paper §3):
 * ``dense``    for steps ``0 <= t < d``: plain training, no mask;
 * ``sparse``   for ``d <= t < T - s``: the recipe's mask decay (MDGF) or pattern walk (SDGF);
 * ``finetune`` for ``t >= T - s``: binary mask at the target pattern. Past T the run stays here.
+
+`RunSchedule` is one recipe over one run: the sparsifier, the FLOPs count and the diagnostics all read it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -21,6 +23,7 @@ __all__ = [
     "DecaySchedule",
     "Phase",
     "PhasePlan",
+    "RunSchedule",
     "exponential_decay",
     "geometric_patterns",
     "linear_decay",
@@ -83,6 +86,65 @@ class PhasePlan:
             return count - 1
         offset = min(max(step - self.sparse_start, 0), window - 1)
         return offset * count // window
+
+
+@dataclass(frozen=True)
+class RunSchedule:
+    """A recipe over a run of ``plan.total_steps`` steps: phase, D and pattern, each a pure function of the step.
+
+    Built by `Recipe.schedule`. ``masked`` is False for the dense reference run; ``decay`` is MDGF's D(j) (None for
+    binary masks), ``beta`` its rate.
+    """
+
+    plan: PhasePlan
+    masked: bool
+    decay: DecaySchedule | None = None
+    beta: float | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.plan.total_steps
+
+    def phase(self, step: int) -> Phase:
+        """The phase of the forward pass at ``step`` (always dense for the reference run)."""
+        return self.plan.phase(step) if self.masked else Phase.DENSE
+
+    def decay_at(self, step: int) -> float | None:
+        """D at ``step``; None when the masks are binary or absent."""
+        if self.decay is None or self.phase(step) is not Phase.SPARSE:
+            return None
+        return self.decay(step - self.plan.sparse_start)
+
+    def soft(self, step: int) -> bool:
+        """Whether pruned weights still take part in the forward pass, scaled by D > 0."""
+        decay = self.decay_at(step)
+        return decay is not None and decay > 0
+
+    def pattern_at(self, sequence: Sequence[NMPattern], step: int) -> NMPattern | None:
+        """Where a pattern walk ending at ``sequence[-1]`` stands at ``step`` (None: dense)."""
+        phase = self.phase(step)
+        if phase is Phase.DENSE:
+            return None
+        if phase is Phase.FINETUNE:
+            return sequence[-1]
+        return sequence[self.plan.interval(step, len(sequence))]
+
+    def change_points(self, walk_lengths: Iterable[int]) -> list[int]:
+        """The steps at which a pattern, or whether masks are soft, may change; sorted, from 0.
+
+        ``walk_lengths``: the length of every pattern walk the run follows.
+        """
+        plan = self.plan
+        points = {0, plan.sparse_start, plan.finetune_start}
+        window = plan.finetune_start - plan.sparse_start
+        for count in set(walk_lengths):
+            points.update(plan.sparse_start + -(-i * window // count) for i in range(count))
+        lo, hi = plan.sparse_start, plan.finetune_start  # D only falls: the first step of binary masks
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if self.soft(mid) else (lo, mid)
+        points.add(lo)
+        return sorted(p for p in points if p < plan.total_steps)
 
 
 def linear_decay(beta: float) -> DecaySchedule:

@@ -22,16 +22,15 @@ from torch.nn.utils import parametrize
 
 from nmflow.core.errors import ConfigError, FinalizedError, NmflowError, NonFiniteWeightError
 from nmflow.core.masks import NMPattern, realized_n
-from nmflow.core.parametrization import GradientRule, NMParametrization
-from nmflow.core.recipes import Recipe
-from nmflow.core.schedules import Phase
+from nmflow.core.parametrization import NMParametrization
+from nmflow.core.recipes import Recipe, takes_decay
+from nmflow.core.schedules import Phase, PhasePlan, RunSchedule
 from nmflow.core.targets import Segment, Target, is_sharded, resolve_targets
 
 __all__ = ["Sparsifier", "SparsityStatus", "sparsify"]
 
 _STATE_VERSION = 2  # 1: nmflow 0.1, whose MDGF recipes left their default decay unsaid (it ended at 70%)
 _DYNAMO_RECOMPILE_LIMIT = 8
-_RULES = {"srste": GradientRule.SRSTE, "oneshot": GradientRule.FROZEN}
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ def _saved_recipe(state: dict) -> Recipe:
     """The recipe a state ran with, its decay spelled out as version 2 does."""
     recipe = dict(state["recipe"])
     decay_unsaid = recipe.get("beta") is None and recipe.get("decay_end_fraction") is None
-    if state["version"] == 1 and str(recipe.get("method")).startswith("mdgf") and decay_unsaid:
+    if state["version"] == 1 and takes_decay(recipe.get("method")) and decay_unsaid:
         recipe["decay_end_fraction"] = 0.7
     return Recipe.from_dict(recipe)
 
@@ -61,34 +60,27 @@ def sparsify(model: nn.Module, recipe: Recipe, total_steps: int, *, verbose: boo
     Every check runs before the model is touched: on any error the model is left as it was.
     Prints the table of the layers taken unless ``verbose=False`` (it is also `Sparsifier.table`).
     """
-    if not isinstance(recipe, Recipe):
-        raise ConfigError(f"sparsify needs an nmflow.Recipe, got {type(recipe).__name__}")
-    plan = recipe.phase_plan(total_steps)
-    recipe.resolved_beta(total_steps)  # raises if the decay cannot end after the dense phase
-    targets = resolve_targets(model, recipe)
-    sparsifier = Sparsifier(model, recipe, total_steps, targets)
-    if sparsifier.masks_applied and plan.phase(0) is not Phase.DENSE:  # the first forward computes masks
-        sparsifier._check_finite()
-    sparsifier._attach()
-    if verbose:
-        print(sparsifier.table)
-    return sparsifier
+    return Sparsifier(model, recipe, total_steps, verbose=verbose)
 
 
 class Sparsifier:
-    """Owns the schedule of one model; created by `sparsify`."""
+    """Owns the schedule of one model. Constructing it attaches the recipe (`sparsify` is the same call)."""
 
-    def __init__(self, model: nn.Module, recipe: Recipe, total_steps: int, targets: list[Target]) -> None:
+    def __init__(self, model: nn.Module, recipe: Recipe, total_steps: int, *, verbose: bool = True) -> None:
+        if not isinstance(recipe, Recipe):
+            raise ConfigError(f"sparsify needs an nmflow.Recipe, got {type(recipe).__name__}")
         self.model = model
         self.recipe = recipe
-        self.total_steps = total_steps
-        self.targets = tuple(targets)
-        self.plan = recipe.phase_plan(total_steps)
-        self._decay = recipe.decay_schedule(total_steps)
+        self.schedule: RunSchedule = recipe.schedule(total_steps)  # plan, then validate, then attach
+        self.targets = tuple(resolve_targets(model, recipe))
         self._step = 0
         self._finalized = False
         self._hooks: list = []
-        self._rule = _RULES.get(recipe.method, GradientRule.STRAIGHT_THROUGH)
+        if self.schedule.phase(0) is not Phase.DENSE:  # the first forward computes masks
+            self._check_finite()
+        self._attach()
+        if verbose:
+            print(self.table)
 
     # ----------------------------------------------------------------- schedule
     @property
@@ -97,40 +89,38 @@ class Sparsifier:
         return self._step
 
     @property
-    def masks_applied(self) -> bool:
-        return self.recipe.method != "dense"
+    def total_steps(self) -> int:
+        return self.schedule.total_steps
+
+    @property
+    def plan(self) -> PhasePlan:
+        return self.schedule.plan
 
     def decay_at(self, step: int) -> float | None:
         """D of the forward pass at schedule step ``step``; None when the masks are binary or absent."""
-        if self._decay is None or self.plan.phase(step) is not Phase.SPARSE:
-            return None
-        return self._decay(step - self.plan.sparse_start)
+        return self.schedule.decay_at(step)
 
     def patterns_at(self, target: Target, step: int) -> tuple[NMPattern | None, ...]:
         """The pattern of each segment of ``target`` at schedule step ``step`` (None: dense)."""
-        phase = self.plan.phase(step)
-        if phase is Phase.DENSE or not self.masks_applied:
-            return (None,) * len(target.segments)
-        if phase is Phase.FINETUNE:
-            return tuple(seg.target for seg in target.segments)
-        return tuple(seg.sequence[self.plan.interval(step, len(seg.sequence))] for seg in target.segments)
+        return tuple(self.schedule.pattern_at(seg.sequence, step) for seg in target.segments)
 
     def change_points(self) -> list[int]:
         """The steps at which the patterns, or whether the masks are soft (D > 0), may change; sorted, from 0."""
-        plan = self.plan
-        points = {0, plan.sparse_start, plan.finetune_start}
-        window = plan.finetune_start - plan.sparse_start
+        return self.schedule.change_points(len(seg.sequence) for t in self.targets for seg in t.segments)
+
+    def densities_at(self, step: int, *, by: str = "key") -> dict[str, float]:
+        """Fraction of weights the patterns keep at ``step`` (N/M weighted by size; a soft MDGF mask counts N/M
+        too), per recipe key (``by="key"``) or per sparsified module (``by="module"``)."""
+        kept: dict[str, float] = {}
+        sizes: dict[str, int] = {}
         for t in self.targets:
-            for seg in t.segments:
-                count = len(seg.sequence)
-                points.update(plan.sparse_start + -(-i * window // count) for i in range(count))
-        lo, hi = plan.sparse_start, plan.finetune_start  # D only falls: the first step of binary masks
-        while lo < hi:
-            mid = (lo + hi) // 2
-            decay = self.decay_at(mid)
-            lo, hi = (mid + 1, hi) if decay is not None and decay > 0 else (lo, mid)
-        points.add(lo)
-        return sorted(p for p in points if p < plan.total_steps)
+            per_row = self.trainable_weight(t).numel() // t.out_size  # shape only: no forward work
+            for seg, pattern in zip(t.segments, self.patterns_at(t, step)):
+                name = seg.key if by == "key" else t.name
+                size = per_row * (seg.stop - seg.start)
+                kept[name] = kept.get(name, 0.0) + size * (1.0 if pattern is None else pattern.density)
+                sizes[name] = sizes.get(name, 0) + size
+        return {name: kept[name] / sizes[name] for name in kept}
 
     def schedule_states(self) -> int:
         """How many distinct (patterns, soft masks) states the run passes through.
@@ -152,31 +142,22 @@ class Sparsifier:
         """
         if self._step != 0 or self._finalized:
             raise NmflowError(f"reschedule() only before the first step; {self._step} steps were taken")
-        plan = self.recipe.phase_plan(total_steps)
-        self.recipe.resolved_beta(total_steps)  # raises if the decay cannot end after the dense phase
-        self.total_steps, self.plan, self._decay = total_steps, plan, self.recipe.decay_schedule(total_steps)
+        self.schedule = self.recipe.schedule(total_steps)
         self._apply_schedule()
 
     def status(self) -> SparsityStatus:
         step = self._step
-        phase = self.plan.phase(step) if self.masks_applied else Phase.DENSE
         patterns: dict[str, str] = {}
         by_key: dict[str, list[str]] = {}
-        kept: dict[str, float] = {}
-        sizes: dict[str, int] = {}
         for t in self.targets:
-            per_row = self.trainable_weight(t).numel() // t.out_size  # shape only: no forward work
             for seg, pattern in zip(t.segments, self.patterns_at(t, step)):
                 text = "dense" if pattern is None else str(pattern)
                 patterns[_label(t, seg)] = text
                 if text not in by_key.setdefault(seg.key, []):
                     by_key[seg.key].append(text)
-                size = per_row * (seg.stop - seg.start)
-                kept[seg.key] = kept.get(seg.key, 0.0) + size * (1.0 if pattern is None else pattern.density)
-                sizes[seg.key] = sizes.get(seg.key, 0) + size
         joined = {key: ",".join(texts) for key, texts in by_key.items()}
-        density = {key: kept[key] / sizes[key] for key in kept}
-        return SparsityStatus(step, phase, self.decay_at(step), patterns, joined, density)
+        density = self.densities_at(step, by="key")
+        return SparsityStatus(step, self.schedule.phase(step), self.decay_at(step), patterns, joined, density)
 
     def masks(self) -> dict[str, torch.Tensor]:
         """The boolean mask the next forward pass applies to each sparsified tensor (all True where nothing is
@@ -199,7 +180,7 @@ class Sparsifier:
         if not self._finalized:
             raise NmflowError("verify() checks the finalized weights; call finalize() first")
         records = []
-        for t in self.targets if self.masks_applied else ():
+        for t in self.targets if self.schedule.masked else ():
             weight = getattr(t.module, t.param_name).detach()
             for seg in t.segments:
                 block = weight.narrow(t.out_dim, seg.start, seg.stop - seg.start)
@@ -225,7 +206,7 @@ class Sparsifier:
         """Advance one optimizer step; call it right after ``optimizer.step()``."""
         if self._finalized:
             raise FinalizedError("step() called after finalize(); the model is no longer managed by nmflow")
-        if self.masks_applied and self.plan.phase(self._step + 1) is not Phase.DENSE:
+        if self.schedule.phase(self._step + 1) is not Phase.DENSE:
             self._check_finite()
         self._step += 1
         self._apply_schedule()
@@ -234,7 +215,7 @@ class Sparsifier:
         """Write exact N:M zeros (target patterns) into the weights and remove the parametrizations."""
         if self._finalized:
             raise FinalizedError("finalize() was already called")
-        if self.masks_applied:
+        if self.schedule.masked:
             if any(is_sharded(self._original(t)) for t in self.targets):
                 raise ConfigError(
                     "finalize() cannot write into FSDP2-sharded weights; gather a full state dict and finalize an "
@@ -262,7 +243,7 @@ class Sparsifier:
     def state_dict(self) -> dict:
         """The step and any fixed masks (copies): all that resuming needs. Safe for ``weights_only`` loads."""
         fixed = {}
-        if self.masks_applied and not self._finalized:
+        if self.schedule.masked and not self._finalized:
             for t in self.targets:
                 mask = self._parametrization(t).fixed_mask
                 if mask is not None:
@@ -304,7 +285,7 @@ class Sparsifier:
                 raise ConfigError(
                     f"fixed mask for {name} has shape {tuple(mask.shape)}/{mask.dtype}, expected {tuple(expected)}/bool"
                 )
-        if self.masks_applied:
+        if self.schedule.masked:
             for t in self.targets:
                 mask = state["fixed_masks"].get(t.qualified_name)
                 param = self._parametrization(t)
@@ -314,10 +295,10 @@ class Sparsifier:
 
     # ----------------------------------------------------------------- attaching
     def _attach(self) -> None:
-        if not self.masks_applied:
+        if not self.schedule.masked:
             return
         for t in self.targets:
-            param = NMParametrization(t, self._rule, self.recipe.srste_lambda)
+            param = NMParametrization(t, self.recipe.spec.gradient, self.recipe.srste_lambda)
             param.to(getattr(t.module, t.param_name).device)
             parametrize.register_parametrization(t.module, t.param_name, param)
             self._hooks.append(t.module.register_state_dict_post_hook(_keep_key(t.param_name)))
@@ -325,10 +306,10 @@ class Sparsifier:
         self._apply_schedule()
 
     def _apply_schedule(self) -> None:
-        if not self.masks_applied:
+        if not self.schedule.masked:
             return
         decay = self.decay_at(self._step)
-        freeze = self._rule is GradientRule.FROZEN and self.plan.phase(self._step) is not Phase.DENSE
+        freeze = self.recipe.spec.fixed_mask and self.schedule.phase(self._step) is not Phase.DENSE
         for t in self.targets:
             param = self._parametrization(t)
             param.set_state(self.patterns_at(t, self._step), decay)
@@ -375,22 +356,22 @@ class Sparsifier:
             shape = "x".join(str(s) for s in self.trainable_weight(t).shape)
             for seg in t.segments:
                 walk = " > ".join(str(p) for p in seg.sequence) if len(seg.sequence) > 1 else ""
-                target = "dense" if not self.masks_applied else str(seg.target)
+                target = str(seg.target) if self.schedule.masked else "dense"
                 rows.append((t.qualified_name, seg.role, shape, str(t.in_dim), target, walk))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         plan = self.plan
         header = f"nmflow: {self.recipe.method}, {len(self.targets)} tensors, {self.total_steps} steps "
-        if not self.masks_applied:
+        if not self.schedule.masked:
             header += "(reference run: no masks)"
         else:
             header += (
                 f"(dense 0-{plan.sparse_start}, sparse {plan.sparse_start}-{plan.finetune_start}, "
                 f"finetune {plan.finetune_start}-{plan.total_steps})"
             )
-        if self._decay is not None:
-            header += f", beta={self.recipe.resolved_beta(self.total_steps):.4g}"
+        if self.schedule.beta is not None:
+            header += f", beta={self.schedule.beta:.4g}"
         states = self.schedule_states()
         if states > _DYNAMO_RECOMPILE_LIMIT:
             header += (

@@ -152,7 +152,7 @@ class NMSparsityCallback(TrainerCallback):
         rebuilt = sp.state_dict()
         rebuilt["step"] = state.global_step
         lost = "the schedule is a function of the step, so nothing else was lost"
-        if self.recipe.method == "oneshot" and sp.plan.phase(state.global_step) is not Phase.DENSE:
+        if self.recipe.spec.fixed_mask and sp.schedule.phase(state.global_step) is not Phase.DENSE:
             lost = "the one-shot masks are lost and recomputed from the resumed weights"
         warnings.warn(
             f"no {STATE_FILE} in the checkpoint of step {state.global_step} under {args.output_dir}; "

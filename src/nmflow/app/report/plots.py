@@ -15,7 +15,6 @@ from typing import Any
 
 from nmflow.app.report.runs import Run, read_metrics
 from nmflow.app.report.tables import (
-    METHOD_ORDER,
     METRICS,
     PRIMARY,
     Cell,
@@ -28,6 +27,7 @@ from nmflow.app.report.tables import (
     _ordered,
     pattern_label,
 )
+from nmflow.core.recipes import METHOD_TABLE, METHODS, takes_decay
 
 DIAGNOSTIC_KEY = "ff"  # the role whose diagnostics are plotted
 MDGF_D_BY_PHASE = {"dense": 1.0, "finetune": 0.0}
@@ -73,7 +73,7 @@ def _draw_plots(group: Group, plots_dir: Path) -> list[str]:
 
 
 def _color(method: str) -> str:
-    return "0.35" if method == "dense" else f"C{METHOD_ORDER.index(method) - 1}" if method in METHOD_ORDER else "C9"
+    return "0.35" if method == "dense" else f"C{METHODS.index(method) - 1}" if method in METHODS else "C9"
 
 
 def _error_bar(cell: Cell) -> float:
@@ -289,10 +289,16 @@ def _plot_flip_rate(data: _PlotData, new_figure: Callable) -> tuple[Any, str] | 
     return figure, f"Fraction of {DIAGNOSTIC_KEY} mask entries that flip per step at {data.focus} (running mean)."
 
 
+def _walks(method: str) -> bool:
+    """Whether ``method`` walks patterns (SDGF), so its density tells the schedules apart."""
+    spec = METHOD_TABLE.get(method)
+    return spec is not None and spec.walk is not None
+
+
 def _plot_schedules(data: _PlotData, new_figure: Callable) -> tuple[Any, str] | str:
-    mdgf_runs = [r for r in data.focus_runs if r.method.startswith("mdgf")]
+    mdgf_runs = [r for r in data.focus_runs if takes_decay(r.method)]
     # the runs whose density tells the schedules apart; else (MDGF only) the density of their binary masks
-    density_runs = [r for r in data.focus_runs if r.method.startswith("sdgf") or r.method in ("dense", "srste")]
+    density_runs = [r for r in data.focus_runs if _walks(r.method) or r.method in ("dense", "srste")]
     density_runs = density_runs or data.focus_runs
     panels = [
         # D is logged while it decays; the dense phase multiplies pruned weights by 1, fine-tuning by 0

@@ -13,10 +13,9 @@ from typing import Any
 from nmflow.app.report.runs import Run
 from nmflow.core.errors import ConfigError
 from nmflow.core.masks import NMPattern
-from nmflow.core.recipes import MDGF_ONLY_SETTINGS
+from nmflow.core.recipes import MDGF_ONLY_SETTINGS, METHOD_TABLE, METHODS, takes_decay
 
-METHOD_ORDER = ("dense", "ste", "srste", "oneshot", "mdgf-linear", "mdgf-exp", "sdgf-stepwise", "sdgf-geometric")
-DECAYING = ("mdgf-linear", "mdgf-exp", "sdgf-stepwise", "sdgf-geometric")
+DECAYING = tuple(name for name, spec in METHOD_TABLE.items() if spec.progressive)
 
 
 @dataclass(frozen=True)
@@ -168,7 +167,7 @@ def _group_key(run: Run) -> tuple[str, bool, str]:
     """(task, fine-tuned, the settings shared by the group as text): runs differing elsewhere are not comparable.
     The mdgf-* settings count for the mdgf-* runs only."""
     ignored = PER_RUN_KEYS | LOGGING_KEYS | {"task"}
-    if not run.method.startswith("mdgf"):
+    if not takes_decay(run.method):
         ignored |= set(MDGF_ONLY_SETTINGS)
     shared = {key: value for key, value in run.config.items() if key not in ignored}
     return (str(run.get("task", "?")), run.config.get("init_from") is not None, json.dumps(shared, sort_keys=True))
@@ -182,7 +181,7 @@ def _share_references(by_key: dict[tuple[str, bool, str], list[Run]]) -> None:
         settings = {k: v for k, v in json.loads(key[2]).items() if k not in MDGF_ONLY_SETTINGS}
         return (key[0], key[1], json.dumps(settings, sort_keys=True))
 
-    for key in [k for k, runs in by_key.items() if not any(r.method.startswith("mdgf") for r in runs)]:
+    for key in [k for k, runs in by_key.items() if not any(takes_decay(r.method) for r in runs)]:
         targets = [k for k in by_key if k != key and without_mdgf(k) == key]
         for target in targets:
             by_key[target] += by_key[key]
@@ -265,7 +264,7 @@ def _comparisons(table: Table, selection: Table) -> tuple[Comparison, ...]:
 
 def _ordered(methods: Iterable[str]) -> list[str]:
     methods = set(methods)
-    return [m for m in METHOD_ORDER if m in methods] + sorted(methods - set(METHOD_ORDER))
+    return [m for m in METHODS if m in methods] + sorted(methods - set(METHODS))
 
 
 # ------------------------------------------------------------------------------------------------ markdown
