@@ -18,7 +18,8 @@ import nmflow
 from nmflow.app.cli import main
 from nmflow.app.data import load_digits_splits
 from nmflow.app.tasks import VIT_CONFIG
-from nmflow.app.train import TrainConfig, read_config_file, train
+from nmflow.app.config import TrainConfig, read_config_file
+from nmflow.app.train import train
 
 TINY_STEPS = 30
 OUTPUT_FILES = {

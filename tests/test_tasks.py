@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from nmflow.app.tasks import build_task
-from nmflow.app.train import TrainConfig, train
+from nmflow.app.config import TrainConfig
+from nmflow.app.train import train
 from nmflow.core.errors import ConfigError
 
 TINY_LM = {"n_embd": 32, "n_head": 2, "n_layer": 1}

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from nmflow.app.cli import main
-from nmflow.app.train import TrainConfig, train
+from nmflow.app.config import TrainConfig
+from nmflow.app.train import train
 from nmflow.core.errors import ConfigError
 
 STEPS = 30

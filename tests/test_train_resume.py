@@ -15,7 +15,8 @@ from helpers import run_cli
 from safetensors.torch import load_file
 
 from nmflow.app import checkpoint
-from nmflow.app.train import TrainConfig, train
+from nmflow.app.config import TrainConfig
+from nmflow.app.train import train
 
 STEPS = 30
 PHASES = {"dense": (0, 10), "sparse": (10, 20), "finetune": (20, 30)}  # dense_steps=10, finetune_steps=10

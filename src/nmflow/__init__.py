@@ -9,7 +9,14 @@ import importlib
 import sys
 
 from nmflow.compressed import load_compressed, save_compressed
-from nmflow.core.errors import ConfigError, FinalizedError, NmflowError, NoMatchingTargetError, NonFiniteWeightError
+from nmflow.core.errors import (
+    CheckpointError,
+    ConfigError,
+    FinalizedError,
+    NmflowError,
+    NoMatchingTargetError,
+    NonFiniteWeightError,
+)
 from nmflow.core.masks import NMPattern, is_nm, nm_mask, realized_n
 from nmflow.core.recipes import METHODS, ROLES, Recipe
 from nmflow.core.schedules import Phase
@@ -25,6 +32,7 @@ del _name
 __all__ = [
     "METHODS",
     "ROLES",
+    "CheckpointError",
     "ConfigError",
     "FinalizedError",
     "NMPattern",

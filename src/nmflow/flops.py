@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
-from nmflow.core.errors import ConfigError, NmflowError
+from nmflow.core.errors import ConfigError, NmflowError, is_whole_number
 from nmflow.core.recipes import GradientRule
 from nmflow.core.sparsifier import Sparsifier
 
@@ -182,9 +182,9 @@ def training_flops(sp: Sparsifier, per_example: FlopsCount, examples_per_step: i
 
 def training_flops_until(sp: Sparsifier, per_example: FlopsCount, examples_per_step: int, step: int) -> int:
     """FLOPs of steps ``0 .. step - 1`` (accounting in the module docstring); costs one evaluation per change."""
-    if isinstance(examples_per_step, bool) or not isinstance(examples_per_step, int) or examples_per_step < 1:
+    if not is_whole_number(examples_per_step, minimum=1):
         raise ConfigError(f"examples_per_step must be a whole number >= 1, got {examples_per_step!r}")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if not is_whole_number(step):
         raise ConfigError(f"step must be a whole number >= 0, got {step!r}")
     weight_rows = {row.name: row.dense for row in per_example.layers if row.kind == "weight"}
     missing = sorted({t.name for t in sp.targets} - set(weight_rows))

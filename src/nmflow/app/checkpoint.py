@@ -22,8 +22,8 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from nmflow import __version__
-from nmflow.core.errors import NmflowError
+from nmflow.app.config import RESUME_OVERRIDES, TrainConfig
+from nmflow.core.errors import CheckpointError, NmflowError
 from nmflow.core.sparsifier import Sparsifier
 
 __all__ = [
@@ -39,9 +40,11 @@ __all__ = [
     "FORMAT_VERSION",
     "Checkpoint",
     "CheckpointError",
+    "TrainingState",
     "latest_checkpoint",
     "read_checkpoint",
     "restore",
+    "resume_from_checkpoint",
     "save_checkpoint",
 ]
 
@@ -52,11 +55,50 @@ STATE_FILE = "training_state.pt"
 MANIFEST_FILE = "manifest.json"
 _NAME = re.compile(r"step-(\d+)")
 _TEMPORARY_PREFIX = ".tmp-"
-_STATE_KEYS = {"step", "optimizer", "sparsifier", "torch_rng", "batch_rng", "batches_drawn", "metrics_bytes", "config"}
 
 
-class CheckpointError(NmflowError):
-    """A checkpoint that is missing, truncated, corrupted, of another format or of another run."""
+@dataclass(frozen=True)
+class TrainingState:
+    """Everything besides the weights that the step after a checkpoint depends on: ``training_state.pt``."""
+
+    step: int  # optimizer steps done
+    optimizer: dict[str, Any]
+    sparsifier: dict[str, Any]
+    torch_rng: torch.Tensor
+    batch_rng: torch.Tensor
+    batches_drawn: int  # one batch per step: the data position
+    metrics_bytes: int  # the length of metrics.jsonl at the save
+    config: dict[str, Any]  # the resolved config, to refuse resuming under another one
+
+    @classmethod
+    def now(
+        cls,
+        step: int,
+        optimizer: torch.optim.Optimizer,
+        sp: Sparsifier,
+        batch_rng: torch.Generator,
+        metrics_bytes: int,
+        config: dict[str, Any],
+    ) -> TrainingState:
+        """The state of a run that has done ``step`` steps, drawing one batch per step."""
+        return cls(
+            step,
+            optimizer.state_dict(),
+            sp.state_dict(),
+            torch.get_rng_state(),
+            batch_rng.get_state(),
+            step,
+            metrics_bytes,
+            config,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for ``torch.save`` (loads with ``weights_only=True``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_STATE_KEYS = {f.name for f in fields(TrainingState)}
+_UNCOMPARED = {"nmflow_version", "out", *RESUME_OVERRIDES}  # config keys a resumed run may change
 
 
 @dataclass(frozen=True)
@@ -183,6 +225,45 @@ def restore(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Opt
         raise CheckpointError(f"checkpoint file {checkpoint.path / STATE_FILE}: {err}") from None
     model.load_state_dict(checkpoint.model, strict=False)  # every name but the aliases, checked above
     optimizer.load_state_dict(checkpoint.state["optimizer"])
+
+
+def resume_from_checkpoint(
+    out: Path,
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sp: Sparsifier,
+    batches: Iterator[Any],
+    batch_rng: torch.Generator,
+    *,
+    cut_metrics: bool,
+) -> int:
+    """Load the newest checkpoint of ``out`` after checking all of it; returns the step to continue from.
+
+    The batch order is replayed from the seed to the saved data position, then checked against the saved
+    generator state. With ``cut_metrics`` (rank 0), ``metrics.jsonl`` is cut back to its length at the checkpoint.
+    Every process loads the same checkpoint.
+    """
+    checkpoint = read_checkpoint(latest_checkpoint(out))
+    state_file = checkpoint.path / STATE_FILE
+    saved, current = dict(checkpoint.state["config"]), config.resolved(out)
+    changed = sorted(k for k in set(saved) | set(current) if k not in _UNCOMPARED and saved.get(k) != current.get(k))
+    if changed:
+        raise CheckpointError(f"checkpoint file {state_file} belongs to another config: {', '.join(changed)} differ")
+    metrics_path, metrics_bytes = out / "metrics.jsonl", checkpoint.state["metrics_bytes"]
+    if not metrics_path.is_file() or metrics_path.stat().st_size < metrics_bytes:
+        raise CheckpointError(
+            f"{metrics_path} is shorter than the {metrics_bytes} bytes it had at step {checkpoint.step}"
+        )
+    for _ in range(checkpoint.state["batches_drawn"]):
+        next(batches)
+    if not torch.equal(batch_rng.get_state(), checkpoint.state["batch_rng"]):
+        raise CheckpointError(f"checkpoint file {state_file}: the batch order replayed from the seed differs")
+    restore(checkpoint, model, optimizer, sp)
+    torch.set_rng_state(checkpoint.state["torch_rng"])
+    if cut_metrics:
+        os.truncate(metrics_path, metrics_bytes)
+    return checkpoint.step
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -56,7 +56,7 @@ def _fail(err: Exception, status: int) -> int:
 
 # ----------------------------------------------------------------------------- nmflow train
 def _add_train_command(commands: Any) -> None:
-    from nmflow.app.train import RECIPE_OPTIONS, TrainConfig
+    from nmflow.app.config import RECIPE_OPTIONS, TrainConfig
 
     command = commands.add_parser(
         "train",
@@ -105,7 +105,8 @@ def _add_train_command(commands: Any) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from nmflow.app.train import TrainConfig, read_config_file, resume_config, train
+    from nmflow.app.config import TrainConfig, read_config_file, resume_config
+    from nmflow.app.train import train
 
     given = vars(args)
     flags = {k: v for k, v in given.items() if k not in ("command", "run", "config", "overwrite", "resume")}

@@ -39,7 +39,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from nmflow.core.errors import ConfigError, NmflowError
+from nmflow.core.errors import ConfigError, NmflowError, is_whole_number
 from nmflow.core.masks import NMPattern
 from nmflow.core.recipes import MDGF_ONLY_SETTINGS, METHODS, takes_decay
 
@@ -63,7 +63,7 @@ class Run:
 
 
 def read_spec(path: str | Path) -> dict[str, Any]:
-    from nmflow.app.train import read_config_file
+    from nmflow.app.config import read_config_file
 
     try:
         return read_config_file(path)
@@ -73,8 +73,8 @@ def read_spec(path: str | Path) -> dict[str, Any]:
 
 def plan_sweep(spec: Mapping[str, Any]) -> list[Run]:
     """Every run of ``spec``, pretraining runs first; raises one `ConfigError` listing all that is wrong."""
+    from nmflow.app.config import TrainConfig
     from nmflow.app.tasks import TASKS
-    from nmflow.app.train import TrainConfig
 
     problems: list[str] = []
     train_keys = {f.name for f in fields(TrainConfig)} - set(RUN_OWNED)
@@ -145,7 +145,7 @@ def _check_grid(grid: Mapping[str, Any], where: str, problems: list[str]) -> tup
     for key, values in zip(GRID_KEYS, (seeds, methods, patterns)):
         if not values:
             problems.append(f"{where}: {key} must be a non-empty list (here or at the top of the spec)")
-    seeds = [s for s in seeds or [] if isinstance(s, int) and not isinstance(s, bool) and s >= 0] or []
+    seeds = [s for s in seeds or [] if is_whole_number(s)] or []
     problems += [f"{where}: seed {s!r} is not a whole number >= 0" for s in grid["seeds"] or [] if s not in seeds]
     unknown = [m for m in methods or [] if m not in METHODS]
     if unknown:
@@ -166,8 +166,8 @@ def _check_grid(grid: Mapping[str, Any], where: str, problems: list[str]) -> tup
 
 def _check_runs(runs: list[Run]) -> list[str]:
     """Each run's config and recipe, checked against its task's model (one model built per task and overrides)."""
+    from nmflow.app.config import TrainConfig
     from nmflow.app.tasks import build_task
-    from nmflow.app.train import TrainConfig
     from nmflow.core.targets import resolve_targets
 
     problems, models = [], {}
@@ -269,10 +269,12 @@ def _with_start(run: Run, out: Path) -> dict[str, Any]:
 
 
 def _start(out: Path, run: Run) -> subprocess.Popen:
+    from nmflow.app.config import write_yaml
+
     folder = out / run.name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "failed.json").unlink(missing_ok=True)
-    _write_yaml(folder / "run.yaml", _with_start(run, out))
+    write_yaml(folder / "run.yaml", _with_start(run, out))
     command = [sys.executable, "-m", "nmflow", "train"]
     if (folder / "checkpoints").is_dir() and (folder / "config.yaml").is_file():
         command += ["--resume", str(folder)]
@@ -307,9 +309,3 @@ def _progress_line(done: int, total: int, name: str, state: str, folder: Path, s
     if started is not None:
         line += f"  {time.perf_counter() - started:.0f} s"
     return line
-
-
-def _write_yaml(path: Path, data: Mapping[str, Any]) -> None:
-    import yaml
-
-    path.write_text(yaml.safe_dump(dict(data), sort_keys=False))

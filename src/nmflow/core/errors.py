@@ -1,4 +1,4 @@
-"""The exceptions nmflow raises for bad input, so callers can catch them by kind."""
+"""The exceptions nmflow raises for bad input, so callers can catch them by kind, and the checks they share."""
 
 from __future__ import annotations
 
@@ -21,3 +21,14 @@ class NonFiniteWeightError(NmflowError, ValueError):
 
 class FinalizedError(NmflowError, RuntimeError):
     """The sparsifier was used after `finalize()` handed the plain model back."""
+
+
+class CheckpointError(NmflowError):
+    """A checkpoint that is missing, truncated, corrupted, of another format or of another run."""
+
+
+def is_whole_number(value: object, minimum: int | None = 0) -> bool:
+    """Whether ``value`` is an int (not a bool, which Python counts as one) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return False
+    return minimum is None or value >= minimum

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nmflow.core.errors import ConfigError, NonFiniteWeightError
+from nmflow.core.errors import ConfigError, NonFiniteWeightError, is_whole_number
 
 __all__ = ["NMPattern", "is_nm", "nm_mask", "realized_n"]
 
@@ -38,7 +38,7 @@ class NMPattern:
     def __post_init__(self) -> None:
         for field in ("n", "m"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_whole_number(value, minimum=None):
                 raise ConfigError(f"N:M pattern needs whole numbers, got {field}={value!r}")
         if self.n < 1:
             raise ConfigError(f"N:M pattern {self.n}:{self.m} keeps no weight: N must be >= 1 (N counts kept weights)")

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from nmflow.core.errors import ConfigError
+from nmflow.core.errors import ConfigError, is_whole_number
 from nmflow.core.masks import NMPattern
 from nmflow.core.schedules import DecaySchedule, PhasePlan, RunSchedule, exponential_decay, linear_decay
 
@@ -149,12 +149,7 @@ class Recipe:
         self._check_decay()
         if not (isinstance(self.srste_lambda, (int, float)) and self.srste_lambda >= 0):
             raise ConfigError(f"srste_lambda must be a number >= 0, got {self.srste_lambda!r}")
-        if (
-            isinstance(self.geometric_k, bool)
-            or not isinstance(self.geometric_k, int)
-            or self.geometric_k < 1
-            or (self.geometric_k & (self.geometric_k - 1))
-        ):
+        if not is_whole_number(self.geometric_k, minimum=1) or self.geometric_k & (self.geometric_k - 1):
             raise ConfigError(f"geometric_k must be a power of two >= 1, got {self.geometric_k!r}")
         object.__setattr__(self, "patterns", self._checked_patterns())
 
@@ -190,7 +185,7 @@ class Recipe:
                 raise ConfigError(f"give {frac_name} or {steps_name}, not both")
             if frac is not None and not (isinstance(frac, (int, float)) and 0 <= frac <= 1):
                 raise ConfigError(f"{frac_name} must be within [0, 1], got {frac!r}")
-            if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            if steps is not None and not is_whole_number(steps):
                 raise ConfigError(f"{steps_name} must be a whole number >= 0, got {steps!r}")
         if self._dense_fraction + self._finetune_fraction > 1:
             raise ConfigError(
@@ -274,7 +269,7 @@ class Recipe:
         return self.spec.walk
 
     def phase_plan(self, total_steps: int) -> PhasePlan:
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        if not is_whole_number(total_steps, minimum=1):
             raise ConfigError(f"total_steps must be a whole number >= 1, got {total_steps!r}")
         dense = self.dense_steps if self.dense_steps is not None else round(self._dense_fraction * total_steps)
         finetune = (

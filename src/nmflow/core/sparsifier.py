@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from nmflow.core.errors import ConfigError, FinalizedError, NmflowError, NonFiniteWeightError
+from nmflow.core.errors import ConfigError, FinalizedError, NmflowError, NonFiniteWeightError, is_whole_number
 from nmflow.core.masks import NMPattern, realized_n
 from nmflow.core.parametrization import NMParametrization
 from nmflow.core.recipes import Recipe, takes_decay
@@ -273,7 +273,7 @@ class Sparsifier:
                 f"recipe {saved.to_dict()} vs {self.recipe.to_dict()}"
             )
         step = state["step"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        if not is_whole_number(step):
             raise ConfigError(f"sparsifier state has an invalid step {step!r}")
         by_name = {t.qualified_name: t for t in self.targets}
         unknown = set(state["fixed_masks"]) - set(by_name)
