@@ -16,9 +16,9 @@ from helpers import run_cli
 
 import nmflow
 from nmflow.app.cli import main
+from nmflow.app.config import TrainConfig, read_config_file
 from nmflow.app.data import load_digits_splits
 from nmflow.app.tasks import VIT_CONFIG
-from nmflow.app.config import TrainConfig, read_config_file
 from nmflow.app.train import train
 
 TINY_STEPS = 30

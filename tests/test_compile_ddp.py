@@ -41,7 +41,7 @@ def schedule_state(status: nmflow.SparsityStatus) -> tuple:
     At most one compilation per distinct state is expected, and at least one: none would mean dynamo
     fell back to eager and the comparison with eager proved nothing.
     """
-    return status.decay is None, tuple(sorted(status.patterns.items()))
+    return status.decay is None, tuple(sorted(status.by_layer.items()))
 
 
 # ------------------------------------------------------------------ torch.compile
@@ -100,7 +100,7 @@ def test_compiled_sdgf_matches_eager_across_pattern_changes():
     recipe = nmflow.Recipe("sdgf-stepwise", {"ff": "1:4", "qk": "1:4"}, dense_steps=2, finetune_steps=2)
     run = compare_compiled_with_eager(lambda: TimmStyleViT(depth=1), vit_loss, recipe, 8, "aot_eager")
 
-    walked = [s.patterns["blocks.0.mlp.fc1"] for s in run["statuses"]]
+    walked = [s.by_layer["blocks.0.mlp.fc1"] for s in run["statuses"]]
     assert walked == ["dense", "dense", "3:4", "3:4", "2:4", "1:4", "1:4", "1:4"]
     assert 1 <= run["compiles"][-1] <= len({schedule_state(s) for s in run["statuses"]})
     assert run["graph_breaks"] == 0

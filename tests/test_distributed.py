@@ -78,7 +78,7 @@ def train(model: nn.Module, sp: nmflow.Sparsifier, forward: nn.Module, rank: int
         optimizer.zero_grad()
         sp.step()
         status = sp.status()
-        statuses.append((status.step, status.phase.value, status.decay, status.patterns))
+        statuses.append((status.step, status.phase.value, status.decay, status.by_layer))
     return statuses
 
 

@@ -65,7 +65,7 @@ def test_forward_weight_and_gradient_match_the_definition(method, t):
     status = sp.status()
     assert status.step == t
     assert status.decay == (pytest.approx(decay) if decay is not None else None)
-    assert list(status.patterns.values()) == ["dense" if pattern is None else f"{pattern[0]}:{pattern[1]}"]
+    assert list(status.by_layer.values()) == ["dense" if pattern is None else f"{pattern[0]}:{pattern[1]}"]
 
     if pattern is None:
         mask = torch.ones_like(weight, dtype=torch.bool)
@@ -158,7 +158,7 @@ def test_combined_decay_and_pattern_walk():
     decay = math.exp(-0.3 * 6)
     mask = reference_mask(weight, *STEPWISE_1_4[8], dim=1)
     torch.testing.assert_close(model.fc.weight.detach(), weight * (mask.float() + decay * (~mask).float()))
-    assert sp.status().patterns == {"fc": "2:4"}
+    assert sp.status().by_layer == {"fc": "2:4"}
 
 
 def test_explicit_pattern_sequence():
@@ -169,7 +169,7 @@ def test_explicit_pattern_sequence():
     sp = nmflow.sparsify(model, recipe, total_steps=6, verbose=False)
     seen = []
     for _ in range(7):
-        seen.append(sp.status().patterns["fc"])
+        seen.append(sp.status().by_layer["fc"])
         sp.step()
     assert seen == ["8:16", "8:16", "2:8", "2:8", "1:4", "1:4", "1:4"]
 

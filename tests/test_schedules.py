@@ -100,7 +100,7 @@ def test_status_reports_phase_decay_and_patterns_over_a_run():
     seen = []
     for _ in range(6):
         s = sp.status()
-        seen.append((s.step, str(s.phase), s.decay, s.patterns["fc"]))
+        seen.append((s.step, str(s.phase), s.decay, s.by_layer["fc"]))
         sp.step()
     assert seen == [
         (0, "dense", None, "dense"),
@@ -135,7 +135,7 @@ def test_schedule_state_count_matches_a_walk_over_every_step(method, sparsity):
     seen = set()
     for _ in range(40):
         status = sp.status()
-        seen.add((tuple(status.patterns.values()), bool(status.decay)))
+        seen.add((tuple(status.by_layer.values()), bool(status.decay)))
         sp.step()
     assert sp.schedule_states() == len(seen)
 
@@ -148,7 +148,7 @@ def test_reschedule_before_the_first_step_equals_a_fresh_plan(method):
         seen = []
         for _ in range(sp.total_steps):
             status = sp.status()
-            seen.append((status.phase, status.decay, tuple(status.patterns.values())))
+            seen.append((status.phase, status.decay, tuple(status.by_layer.values())))
             sp.step()
         return seen
 

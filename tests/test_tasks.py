@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from nmflow.app.tasks import build_task
 from nmflow.app.config import TrainConfig
+from nmflow.app.tasks import build_task
 from nmflow.app.train import train
 from nmflow.core.errors import ConfigError
 

@@ -21,7 +21,7 @@ grid; a task that sets one itself must run an mdgf-* method.
 
 Each run has its own folder, ``OUT/<task name>/<pattern>/<method>/seed-<s>`` (the dense method once per seed,
 ``OUT/<task name>/dense/seed-<s>``), holding ``run.yaml`` (what the sweep asked for), ``log.txt`` and what
-`nmflow train` writes. Run again, the sweep skips finished runs, resumes interrupted ones from their newest
+`nmflow train` writes. SweepRun again, the sweep skips finished runs, resumes interrupted ones from their newest
 checkpoint and retries failed ones; a finished run's checkpoints are deleted (its model stays). A run that
 fails gets a ``failed.json`` (exit status and the end of its log), which `nmflow report` lists.
 """
@@ -43,7 +43,7 @@ from nmflow.core.errors import ConfigError, NmflowError, is_whole_number
 from nmflow.core.masks import NMPattern
 from nmflow.core.recipes import MDGF_ONLY_SETTINGS, METHODS, takes_decay
 
-__all__ = ["Run", "plan_sweep", "run_sweep"]
+__all__ = ["SweepRun", "plan_sweep", "run_sweep"]
 
 GRID_KEYS = ("seeds", "methods", "patterns")
 SPEC_KEYS = (*GRID_KEYS, "config", "tasks")
@@ -53,7 +53,7 @@ LOG_TAIL_LINES = 20
 
 
 @dataclass(frozen=True)
-class Run:
+class SweepRun:
     """One run of the grid: its folder (relative to the sweep's), its train config, and the run it starts from."""
 
     name: str
@@ -71,7 +71,7 @@ def read_spec(path: str | Path) -> dict[str, Any]:
         raise ConfigError(str(err).replace("config file", "sweep spec", 1)) from None
 
 
-def plan_sweep(spec: Mapping[str, Any]) -> list[Run]:
+def plan_sweep(spec: Mapping[str, Any]) -> list[SweepRun]:
     """Every run of ``spec``, pretraining runs first; raises one `ConfigError` listing all that is wrong."""
     from nmflow.app.config import TrainConfig
     from nmflow.app.tasks import TASKS
@@ -89,7 +89,7 @@ def plan_sweep(spec: Mapping[str, Any]) -> list[Run]:
         problems.append(f"tasks must map task names to their settings, e.g. {{vision: {{steps: 1000}}}} ({TASKS})")
         tasks = {}
 
-    runs: list[Run] = []
+    runs: list[SweepRun] = []
     for label, settings in tasks.items():
         settings = dict(settings or {})
         where = f"tasks.{label}"
@@ -111,12 +111,12 @@ def plan_sweep(spec: Mapping[str, Any]) -> list[Run]:
             if pretrain_steps is not None:
                 after = f"{label}/pretrain/seed-{seed}"
                 pretrain = {**_for_method(base, "dense"), "steps": pretrain_steps, "seed": seed}
-                runs.append(Run(after, {**pretrain, "sparsity": patterns[0] if patterns else {}}))
+                runs.append(SweepRun(after, {**pretrain, "sparsity": patterns[0] if patterns else {}}))
             for method in methods:
                 for index, sparsity in enumerate(patterns[:1] if method == "dense" else patterns):
                     folder = "dense" if method == "dense" else f"{_pattern_label(sparsity)}/{method}"
                     config = {**_for_method(base, method), "sparsity": sparsity, "seed": seed}
-                    runs.append(Run(f"{label}/{folder}/seed-{seed}", config, after, index))
+                    runs.append(SweepRun(f"{label}/{folder}/seed-{seed}", config, after, index))
     problems += _check_runs(runs)
     if problems:
         raise ConfigError("the sweep spec is not valid:\n  " + "\n  ".join(problems))
@@ -129,7 +129,7 @@ def _for_method(config: Mapping[str, Any], method: str) -> dict[str, Any]:
     return {**{k: v for k, v in config.items() if k not in dropped}, "method": method}
 
 
-def _order(run: Run) -> tuple:
+def _order(run: SweepRun) -> tuple:
     """Pretraining, then the dense references, then pattern by pattern in the spec's order, every task and seed
     of a pattern together: a sweep stopped early has whole patterns, with all their seeds, to report."""
     return (run.config["method"] != "dense", run.after is not None, run.pattern_index)
@@ -164,7 +164,7 @@ def _check_grid(grid: Mapping[str, Any], where: str, problems: list[str]) -> tup
     return seeds, [m for m in methods or [] if m in METHODS], checked
 
 
-def _check_runs(runs: list[Run]) -> list[str]:
+def _check_runs(runs: list[SweepRun]) -> list[str]:
     """Each run's config and recipe, checked against its task's model (one model built per task and overrides)."""
     from nmflow.app.config import TrainConfig
     from nmflow.app.tasks import build_task
@@ -263,12 +263,12 @@ def _requested(folder: Path) -> dict[str, Any] | None:
     return read_spec(path) if path.is_file() else None
 
 
-def _with_start(run: Run, out: Path) -> dict[str, Any]:
+def _with_start(run: SweepRun, out: Path) -> dict[str, Any]:
     """The run's config as `nmflow train` takes it: a continued run names the folder of its pretraining run."""
     return run.config if run.after is None else {**run.config, "init_from": str(out / run.after)}
 
 
-def _start(out: Path, run: Run) -> subprocess.Popen:
+def _start(out: Path, run: SweepRun) -> subprocess.Popen:
     from nmflow.app.config import write_yaml
 
     folder = out / run.name

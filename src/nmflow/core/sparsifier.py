@@ -40,9 +40,14 @@ class SparsityStatus:
     step: int
     phase: Phase
     decay: float | None  # D applied to pruned weights; None when masks are binary or absent
-    patterns: dict[str, str]  # "layer" or "layer[role]" -> "N:M" or "dense"
+    by_layer: dict[str, str]  # "layer" or "layer[role]" -> "N:M" or "dense"
     by_key: dict[str, str]  # recipe key -> its current pattern(s), e.g. {"ff": "1:16"}; distinct ones comma-joined
     density: dict[str, float]  # recipe key -> fraction of its weights kept (N/M, weighted by size; 1.0 dense)
+
+    @property
+    def patterns(self) -> dict[str, str]:
+        """`by_layer` under its nmflow 0.2 name."""
+        return self.by_layer
 
 
 def _saved_recipe(state: dict) -> Recipe:
@@ -147,17 +152,17 @@ class Sparsifier:
 
     def status(self) -> SparsityStatus:
         step = self._step
-        patterns: dict[str, str] = {}
+        by_layer: dict[str, str] = {}
         by_key: dict[str, list[str]] = {}
         for t in self.targets:
             for seg, pattern in zip(t.segments, self.patterns_at(t, step)):
                 text = "dense" if pattern is None else str(pattern)
-                patterns[_label(t, seg)] = text
+                by_layer[_label(t, seg)] = text
                 if text not in by_key.setdefault(seg.key, []):
                     by_key[seg.key].append(text)
         joined = {key: ",".join(texts) for key, texts in by_key.items()}
         density = self.densities_at(step, by="key")
-        return SparsityStatus(step, self.schedule.phase(step), self.decay_at(step), patterns, joined, density)
+        return SparsityStatus(step, self.schedule.phase(step), self.decay_at(step), by_layer, joined, density)
 
     def masks(self) -> dict[str, torch.Tensor]:
         """The boolean mask the next forward pass applies to each sparsified tensor (all True where nothing is

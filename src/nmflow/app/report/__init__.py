@@ -19,16 +19,16 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from nmflow.app.report.plots import _draw_plots, pareto_frontier
-from nmflow.app.report.runs import Run, collect_runs, read_metrics
+from nmflow.app.report.plots import draw_plots, pareto_frontier
+from nmflow.app.report.runs import RunRecord, collect_runs, read_metrics
 from nmflow.app.report.tables import (
     Cell,
     Comparison,
     Group,
     Metric,
     Table,
-    _markdown_table,
     diagnostics_table,
+    markdown_table,
     overview_table,
     render_comparisons,
     render_table,
@@ -41,7 +41,7 @@ __all__ = [
     "Comparison",
     "Group",
     "Metric",
-    "Run",
+    "RunRecord",
     "Table",
     "collect_runs",
     "pareto_frontier",
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 
-def _unfinished_section(root: Path, runs: list[Run]) -> list[str]:
+def _unfinished_section(root: Path, runs: list[RunRecord]) -> list[str]:
     unfinished = [r for r in runs if r.status != "finished"]
     if not unfinished:
         return []
@@ -72,7 +72,7 @@ def _unfinished_section(root: Path, runs: list[Run]) -> list[str]:
         relative = run.path.relative_to(root).as_posix() or "."
         rows.append([f"`{relative}`", run.status, run.method, pattern, str(run.get("seed", "?")), detail])
     header = ["run", "status", "method", "sparsity", "seed", "error (last line) / progress"]
-    return ["## Runs that did not finish", "", *_markdown_table(header, rows), ""]
+    return ["## Runs that did not finish", "", *markdown_table(header, rows), ""]
 
 
 def _group_section(group: Group, plots_dir: Path) -> list[str]:
@@ -92,11 +92,11 @@ def _group_section(group: Group, plots_dir: Path) -> list[str]:
     if diagnostics:
         lines += ["", "### Gradient noise, second moment and mask flips (paper §4)", "", *diagnostics]
     lines += ["", "### Plots", ""]
-    lines += _draw_plots(group, plots_dir)
+    lines += draw_plots(group, plots_dir)
     return lines + [""]
 
 
-def _pretraining_note(runs: list[Run]) -> list[str]:
+def _pretraining_note(runs: list[RunRecord]) -> list[str]:
     stages = [r for r in runs if r.is_pretraining and r.status == "finished"]
     if not stages:
         return []
@@ -105,7 +105,7 @@ def _pretraining_note(runs: list[Run]) -> list[str]:
     return [note + "; they are not in the tables.", ""]
 
 
-def _not_started(root: Path, runs: list[Run]) -> list[str]:
+def _not_started(root: Path, runs: list[RunRecord]) -> list[str]:
     """The runs the sweep spec in ``root`` plans that have no folder yet (a sweep still going, or stopped)."""
     from nmflow.app.sweep import plan_sweep, read_spec
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nmflow.app.report.runs import Run, read_metrics
+from nmflow.app.report.runs import RunRecord, read_metrics
 from nmflow.app.report.tables import (
     METRICS,
     PRIMARY,
@@ -21,11 +21,11 @@ from nmflow.app.report.tables import (
     Group,
     Metric,
     Table,
-    _density,
-    _focus_pattern,
-    _number,
-    _ordered,
+    finite_number,
+    focus_pattern,
+    ordered_methods,
     pattern_label,
+    sparsity_density,
 )
 from nmflow.core.recipes import METHOD_TABLE, METHODS, takes_decay
 
@@ -45,18 +45,18 @@ class _PlotData:
         return next(t for t in self.group.tables if t.metric.key == PRIMARY[self.group.metric])
 
     @property
-    def focus_runs(self) -> list[Run]:
+    def focus_runs(self) -> list[RunRecord]:
         return [r for r in self.group.runs if r.method == "dense" or pattern_label(r.sparsity) == self.focus]
 
 
-def _draw_plots(group: Group, plots_dir: Path) -> list[str]:
+def draw_plots(group: Group, plots_dir: Path) -> list[str]:
     """Draw every plot of ``group``; markdown that embeds each one, or says why it was skipped."""
     from matplotlib.figure import Figure  # here, not at the top: `import nmflow` stays light
 
     def new_figure(width: float, height: float) -> Any:
         return Figure(figsize=(width, height), layout="constrained")
 
-    data = _PlotData(group, {r.path: read_metrics(r.path) for r in group.runs}, _focus_pattern(group))
+    data = _PlotData(group, {r.path: read_metrics(r.path) for r in group.runs}, focus_pattern(group))
     slug = re.sub(r"[^a-z0-9]+", "-", group.label.lower()).strip("-")
     lines = []
     for name, title, draw in PLOTS:
@@ -91,14 +91,14 @@ def _log_y(ax: Any, values: list[float], always: bool = False) -> None:
 
 def _plot_vs_sparsity(data: _PlotData, new_figure: Callable) -> tuple[Any, str] | str:
     group, table = data.group, data.primary
-    role_sets = Counter(tuple(p) for p in group.patterns.values()).most_common(1)
+    role_sets = Counter(tuple(p) for p in group.sparsities.values()).most_common(1)
     if not role_sets:
         return "no sparse runs"
-    rows = [label for label, p in group.patterns.items() if tuple(p) == role_sets[0][0]]
-    x = {row: _density(group.patterns[row]) for row in rows}
+    rows = [label for label, p in group.sparsities.items() if tuple(p) == role_sets[0][0]]
+    x = {row: sparsity_density(group.sparsities[row]) for row in rows}
     ticks: dict[float, list[str]] = defaultdict(list)
     for row in rows:
-        p = group.patterns[row]
+        p = group.sparsities[row]
         ticks[x[row]].append(str(next(iter(p.values()))) if len(p) == 1 else row)
     figure = new_figure(6.4, 4.4)
     ax = figure.subplots()
@@ -145,8 +145,8 @@ def _plot_vs_inference_flops(data: _PlotData, new_figure: Callable) -> tuple[Any
     points: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     for run in data.group.runs:
         flops = run.get("inference_flops")
-        flops = _number(flops.get("sparse")) if isinstance(flops, dict) else None
-        value = _number((run.summary or {}).get(metric.key))
+        flops = finite_number(flops.get("sparse")) if isinstance(flops, dict) else None
+        value = finite_number((run.summary or {}).get(metric.key))
         if flops is not None and value is not None:
             points[run.method, pattern_label(run.sparsity)].append((flops, value * metric.scale))
     if not points:
@@ -154,7 +154,7 @@ def _plot_vs_inference_flops(data: _PlotData, new_figure: Callable) -> tuple[Any
     figure = new_figure(6.4, 4.4)
     ax = figure.subplots()
     means = []
-    for method in _ordered(m for m, _ in points):
+    for method in ordered_methods(m for m, _ in points):
         cells = [(row, xy) for (m, row), xy in points.items() if m == method]
         xs = [statistics.fmean(f for f, _ in xy) for _, xy in cells]
         cells_y = [Cell(tuple(v for _, v in xy)) for _, xy in cells]
@@ -174,7 +174,7 @@ def _plot_vs_inference_flops(data: _PlotData, new_figure: Callable) -> tuple[Any
 
 def _plot_iso_flops(data: _PlotData, new_figure: Callable) -> tuple[Any, str] | str:
     val = next(m for m in METRICS[data.group.metric] if m.key.startswith("val_"))
-    rows = list(data.group.patterns)[:MAX_ISO_FLOPS_PANELS]
+    rows = list(data.group.sparsities)[:MAX_ISO_FLOPS_PANELS]
     if not rows:
         return "no sparse runs"
     columns = min(3, len(rows))
@@ -191,7 +191,7 @@ def _plot_iso_flops(data: _PlotData, new_figure: Callable) -> tuple[Any, str] | 
             if curve:
                 curves.setdefault(run.method, []).append(curve)
         values = []
-        for method in _ordered(curves):
+        for method in ordered_methods(curves):
             mean_curve = _mean_curve(curves[method])
             ax.plot(*zip(*mean_curve), marker="o", ms=3, lw=1.2, color=_color(method), label=method)
             values += [y for _, y in mean_curve]
@@ -204,7 +204,7 @@ def _plot_iso_flops(data: _PlotData, new_figure: Callable) -> tuple[Any, str] | 
         ax.set_visible(False)
     if not drawn:
         return "no train_flops in the metrics or summaries"
-    shown = "" if len(rows) == len(data.group.patterns) else f" (the {len(rows)} densest patterns)"
+    shown = "" if len(rows) == len(data.group.sparsities) else f" (the {len(rows)} densest patterns)"
     caption = (
         f"{val.title} at each evaluation (mean over seeds) against the training compute spent so far{shown}. "
         "Before the last point, MDGF runs are scored with their soft masks (pruned weights scaled by D)."
@@ -221,12 +221,12 @@ def _mean_curve(curves: list[list[tuple[float, float]]]) -> list[tuple[float, fl
 
 
 def _flops_curve(records: list[dict[str, Any]], metric: Metric) -> list[tuple[float, float]]:
-    pairs = ((_number(r.get("train_flops")), _number(r.get(metric.key))) for r in records)
+    pairs = ((finite_number(r.get("train_flops")), finite_number(r.get(metric.key))) for r in records)
     return [(x, y * metric.scale) for x, y in pairs if x is not None and y is not None]
 
 
 def _step_series(
-    data: _PlotData, runs: list[Run], field: str, smooth: bool, by_phase: dict[str, float] | None = None
+    data: _PlotData, runs: list[RunRecord], field: str, smooth: bool, by_phase: dict[str, float] | None = None
 ) -> dict[str, tuple[list, list]]:
     """Per method, the mean over seeds at each step of ``field`` (a number, or a per-role mapping: its ff entry);
     ``by_phase`` gives the value of steps that log none, by their phase."""
@@ -234,13 +234,13 @@ def _step_series(
     for run in runs:
         for record in data.metrics[run.path][0]:
             value = record.get(field)
-            value = _number(value.get(DIAGNOSTIC_KEY) if isinstance(value, dict) else value)
+            value = finite_number(value.get(DIAGNOSTIC_KEY) if isinstance(value, dict) else value)
             if value is None and by_phase:
                 value = by_phase.get(record.get("phase"))
             if value is not None:
                 by_method[run.method][record["step"]].append(value)
     series = {}
-    for method in _ordered(by_method):
+    for method in ordered_methods(by_method):
         steps = sorted(by_method[method])
         values = [statistics.fmean(by_method[method][s]) for s in steps]
         series[method] = (steps, _running_mean(values) if smooth else values)

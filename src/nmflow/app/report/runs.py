@@ -17,7 +17,7 @@ SKIPPED_FOLDERS = {"checkpoints", "tensorboard"}
 
 
 @dataclass(frozen=True)
-class Run:
+class RunRecord:
     """One run folder as found on disk."""
 
     path: Path
@@ -53,7 +53,7 @@ class Run:
             raise ConfigError(f"run {self.path}: unusable sparsity {self.get('sparsity')!r} ({err})") from None
 
 
-def collect_runs(runs_dir: str | Path) -> list[Run]:
+def collect_runs(runs_dir: str | Path) -> list[RunRecord]:
     """Every run folder below ``runs_dir`` (itself included), sorted by path."""
     root = Path(runs_dir)
     if not root.is_dir():
@@ -67,7 +67,7 @@ def collect_runs(runs_dir: str | Path) -> list[Run]:
     return [_read_run(folder) for folder in sorted(folders)]
 
 
-def _read_run(folder: Path) -> Run:
+def _read_run(folder: Path) -> RunRecord:
     config: dict[str, Any] = {}
     try:
         config = _read_mapping(folder / "config.yaml", yaml.safe_load) or {}
@@ -75,12 +75,14 @@ def _read_run(folder: Path) -> Run:
         summary = _read_mapping(folder / "summary.json", json.loads)
         failure = _read_mapping(folder / "failed.json", json.loads)
     except ValueError as err:  # a file cut off mid-write, or not a mapping: the run did not finish cleanly
-        return Run(folder, "failed", config, error=f"unreadable {err}")
+        return RunRecord(folder, "failed", config, error=f"unreadable {err}")
     if summary is not None:
-        return Run(folder, "finished", config, summary)
+        return RunRecord(folder, "finished", config, summary)
     if failure is not None:
-        return Run(folder, "failed", config, error=str(failure.get("error", "")), returncode=failure.get("returncode"))
-    return Run(folder, "incomplete", config)
+        return RunRecord(
+            folder, "failed", config, error=str(failure.get("error", "")), returncode=failure.get("returncode")
+        )
+    return RunRecord(folder, "incomplete", config)
 
 
 def _read_mapping(path: Path, parse: Callable[[str], Any]) -> dict[str, Any] | None:

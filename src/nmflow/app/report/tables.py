@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from nmflow.app.report.runs import Run
+from nmflow.app.report.runs import RunRecord
 from nmflow.core.errors import ConfigError
 from nmflow.core.masks import NMPattern
 from nmflow.core.recipes import MDGF_ONLY_SETTINGS, METHOD_TABLE, METHODS, takes_decay
@@ -138,13 +138,15 @@ class Group:
 
     label: str
     metric: str  # "accuracy" | "perplexity"
-    runs: tuple[Run, ...]
-    patterns: dict[str, dict[str, NMPattern]]  # row label -> role patterns, densest first
+    runs: tuple[RunRecord, ...]
+    sparsities: dict[
+        str, dict[str, NMPattern]
+    ]  # row label -> the sparsity (role -> pattern) of its runs, densest first
     tables: tuple[Table, ...]
     comparisons: tuple[Comparison, ...]
 
 
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
     """``value`` as a float if it is a finite number (a missing or null field gives None)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     return float(value) if ok else None
@@ -154,7 +156,7 @@ def pattern_label(sparsity: dict[str, NMPattern]) -> str:
     return ", ".join(f"{role}={pattern}" for role, pattern in sparsity.items()) or "dense"
 
 
-def _density(sparsity: dict[str, NMPattern]) -> float:
+def sparsity_density(sparsity: dict[str, NMPattern]) -> float:
     return statistics.fmean(p.density for p in sparsity.values()) if sparsity else 1.0
 
 
@@ -163,7 +165,7 @@ PER_RUN_KEYS = {"method", "sparsity", "seed", "out", "init_from", "nmflow_versio
 LOGGING_KEYS = {"tensorboard", "log_every", "eval_every", "save_every", "keep_checkpoints", "diagnostics"}
 
 
-def _group_key(run: Run) -> tuple[str, bool, str]:
+def _group_key(run: RunRecord) -> tuple[str, bool, str]:
     """(task, fine-tuned, the settings shared by the group as text): runs differing elsewhere are not comparable.
     The mdgf-* settings count for the mdgf-* runs only."""
     ignored = PER_RUN_KEYS | LOGGING_KEYS | {"task"}
@@ -173,7 +175,7 @@ def _group_key(run: Run) -> tuple[str, bool, str]:
     return (str(run.get("task", "?")), run.config.get("init_from") is not None, json.dumps(shared, sort_keys=True))
 
 
-def _share_references(by_key: dict[tuple[str, bool, str], list[Run]]) -> None:
+def _share_references(by_key: dict[tuple[str, bool, str], list[RunRecord]]) -> None:
     """Runs of methods that take no mdgf-* setting join every group that differs from theirs only in those
     settings: SR-STE and dense are the reference of each MDGF decay tried, not a group of their own."""
 
@@ -212,9 +214,9 @@ def _setting_text(value: Any) -> str:
     return str(value)
 
 
-def summarize(runs: Iterable[Run]) -> list[Group]:
+def summarize(runs: Iterable[RunRecord]) -> list[Group]:
     """The finished runs as groups of tables, ready to render or to check."""
-    by_key: dict[tuple[str, bool, str], list[Run]] = defaultdict(list)
+    by_key: dict[tuple[str, bool, str], list[RunRecord]] = defaultdict(list)
     for run in runs:
         if run.status == "finished" and not run.is_pretraining:
             by_key[_group_key(run)].append(run)
@@ -223,24 +225,24 @@ def summarize(runs: Iterable[Run]) -> list[Group]:
     return [_group(labels[key], by_key[key]) for key in sorted(by_key, key=lambda k: (k[0], k[1], labels[k]))]
 
 
-def _group(label: str, runs: list[Run]) -> Group:
+def _group(label: str, runs: list[RunRecord]) -> Group:
     metric = str(runs[0].get("metric") or TASK_METRIC.get(str(runs[0].get("task")), "accuracy"))
     if metric not in METRICS:
         raise ConfigError(f"run {runs[0].path}: unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
-    patterns = {pattern_label(r.sparsity): r.sparsity for r in runs if r.method != "dense"}
-    patterns = dict(sorted(patterns.items(), key=lambda item: (-_density(item[1]), item[0])))
-    methods = tuple(_ordered(r.method for r in runs))
-    rows = tuple(patterns) or ("dense",)  # a group of dense runs only still gets its row
+    sparsities = {pattern_label(r.sparsity): r.sparsity for r in runs if r.method != "dense"}
+    sparsities = dict(sorted(sparsities.items(), key=lambda item: (-sparsity_density(item[1]), item[0])))
+    methods = tuple(ordered_methods(r.method for r in runs))
+    rows = tuple(sparsities) or ("dense",)  # a group of dense runs only still gets its row
     tables = tuple(_table(spec, runs, rows, methods) for spec in METRICS[metric])
     primary = next(t for t in tables if t.metric.key == PRIMARY[metric])
     selection = next(t for t in tables if t.metric.key == SELECTION[metric])
-    return Group(label, metric, tuple(runs), patterns, tables, _comparisons(primary, selection))
+    return Group(label, metric, tuple(runs), sparsities, tables, _comparisons(primary, selection))
 
 
-def _table(metric: Metric, runs: list[Run], rows: tuple[str, ...], methods: tuple[str, ...]) -> Table:
+def _table(metric: Metric, runs: list[RunRecord], rows: tuple[str, ...], methods: tuple[str, ...]) -> Table:
     values: dict[tuple[str, str], list[tuple[float, int | None]]] = defaultdict(list)
     for run in runs:
-        value = _number((run.summary or {}).get(metric.key))
+        value = finite_number((run.summary or {}).get(metric.key))
         if value is not None:
             seed = run.get("seed")
             for row in rows if run.method == "dense" else (pattern_label(run.sparsity),):
@@ -262,13 +264,13 @@ def _comparisons(table: Table, selection: Table) -> tuple[Comparison, ...]:
     return tuple(found)
 
 
-def _ordered(methods: Iterable[str]) -> list[str]:
+def ordered_methods(methods: Iterable[str]) -> list[str]:
     methods = set(methods)
     return [m for m in METHODS if m in methods] + sorted(methods - set(METHODS))
 
 
 # ------------------------------------------------------------------------------------------------ markdown
-def _markdown_table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
     escape = lambda text: text.replace("|", "\\|")  # noqa: E731
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(escape(cell) for cell in row) + " |" for row in rows]
@@ -286,7 +288,7 @@ def render_table(table: Table) -> list[str]:
         text = f"{fmt(cell.mean)} ± {fmt(cell.std)}" + (f" (n={cell.n})" if cell.n != usual_n else "")
         return f"**{text}**" if method in table.best(row) else text
 
-    return _markdown_table(
+    return markdown_table(
         ["pattern", *table.methods], ([row] + [cell_text(row, m) for m in table.methods] for row in table.rows)
     )
 
@@ -308,7 +310,7 @@ def render_comparisons(comparisons: tuple[Comparison, ...]) -> list[str]:
         ]
         for c in comparisons
     )
-    return _markdown_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def overview_table(groups: list[Group]) -> list[str]:
@@ -339,15 +341,16 @@ def overview_table(groups: list[Group]) -> list[str]:
                     ]
                 )
     header = ["group", "metric", "pattern", "method", "validation", "test", "seeds"]
-    return _markdown_table(header, rows)
+    return markdown_table(header, rows)
 
 
-def _focus_pattern(group: Group) -> str | None:
+def focus_pattern(group: Group) -> str | None:
     """1:16 everywhere if the group has it (the paper's main setting), else the sparsest pattern."""
-    if not group.patterns:
+    if not group.sparsities:
         return None
-    all_1_16 = [label for label, p in group.patterns.items() if all(str(x) == "1:16" for x in p.values())]
-    return all_1_16[0] if all_1_16 else min(group.patterns, key=lambda label: _density(group.patterns[label]))
+    all_1_16 = [label for label, p in group.sparsities.items() if all(str(x) == "1:16" for x in p.values())]
+    sparsest = min(group.sparsities, key=lambda label: sparsity_density(group.sparsities[label]))
+    return all_1_16[0] if all_1_16 else sparsest
 
 
 # ------------------------------------------------------------------------------------------------ diagnostics
@@ -364,7 +367,7 @@ def diagnostics_table(group: Group, key: str = "ff") -> list[str]:
     between the dense phase and fine-tuning; the dense method over the same steps): mean ± std over seeds."""
     from nmflow.app.report.runs import read_metrics
 
-    focus = _focus_pattern(group)
+    focus = focus_pattern(group)
     runs = [r for r in group.runs if r.method == "dense" or (focus and pattern_label(r.sparsity) == focus)]
     windows = [tuple(r.summary["phases"]["sparse"]) for r in runs if "sparse" in (r.summary or {}).get("phases", {})]
     if focus is None or not windows:
@@ -377,7 +380,9 @@ def diagnostics_table(group: Group, key: str = "ff") -> list[str]:
             series = [line[name][key] for line in lines if isinstance(line.get(name), dict) and key in line[name]]
             if series:
                 values[run.method, name].append(reduce(series))
-    methods = [m for m in _ordered(r.method for r in runs) if any((m, name) in values for name, _, _ in DIAGNOSTICS)]
+    methods = [
+        m for m in ordered_methods(r.method for r in runs) if any((m, name) in values for name, _, _ in DIAGNOSTICS)
+    ]
     if not methods:
         return []
 
@@ -394,4 +399,4 @@ def diagnostics_table(group: Group, key: str = "ff") -> list[str]:
         f"At {focus}, {key} layers, over steps {start + 1}-{stop} (the sparse window); mean ± std over seeds of each "
         "run's reduction."
     )
-    return [intro, "", *_markdown_table(header, rows)]
+    return [intro, "", *markdown_table(header, rows)]
