@@ -26,7 +26,7 @@ __version__ = "0.2.0"
 
 # The module paths of nmflow 0.2 (`nmflow.masks`, `nmflow.sparsifier`, ...) stay importable for one release.
 for _name in ("errors", "masks", "parametrization", "recipes", "schedules", "sparsifier", "targets"):
-    sys.modules[f"{__name__}.{_name}"] = importlib.import_module(f"{__name__}.core.{_name}")
+    sys.modules[f"{__name__}.{_name}"] = globals()[_name] = importlib.import_module(f"{__name__}.core.{_name}")
 del _name
 
 __all__ = [
