@@ -171,7 +171,7 @@ class Sparsifier:
                 patterns[_label(t, seg)] = text
                 if text not in by_key.setdefault(seg.key, []):
                     by_key[seg.key].append(text)
-                size = per_row * (seg.stop - seg.start)
+                size = per_row * seg.rows
                 kept[seg.key] = kept.get(seg.key, 0.0) + size * (1.0 if pattern is None else pattern.density)
                 sizes[seg.key] = sizes.get(seg.key, 0) + size
         joined = {key: ",".join(texts) for key, texts in by_key.items()}
@@ -202,8 +202,8 @@ class Sparsifier:
         for t in self.targets if self.masks_applied else ():
             weight = getattr(t.module, t.param_name).detach()
             for seg in t.segments:
-                block = weight.narrow(t.out_dim, seg.start, seg.stop - seg.start)
-                realized = realized_n(block, seg.target.m, t.in_dim)
+                block = t.block(weight, seg)
+                realized = realized_n(block, seg.target.m, t.block_in_dim)
                 if realized > seg.target.n:
                     raise NmflowError(f"{_label(t, seg)} should be {seg.target} but a group holds {realized} non-zeros")
                 kept, total = int(block.count_nonzero()), block.numel()
