@@ -13,7 +13,7 @@ from nmflow.core.errors import ConfigError, FinalizedError, NmflowError, NoMatch
 from nmflow.core.masks import NMPattern, is_nm, nm_mask, realized_n
 from nmflow.core.recipes import METHODS, ROLES, Recipe
 from nmflow.core.schedules import Phase
-from nmflow.core.sparsifier import Sparsifier, SparsityStatus, sparsify
+from nmflow.core.sparsifier import Plan, Sparsifier, SparsityStatus, plan, sparsify
 
 __version__ = "0.2.0"
 
@@ -32,6 +32,7 @@ __all__ = [
     "NoMatchingTargetError",
     "NonFiniteWeightError",
     "Phase",
+    "Plan",
     "Recipe",
     "Sparsifier",
     "SparsityStatus",
@@ -39,6 +40,7 @@ __all__ = [
     "is_nm",
     "load_compressed",
     "nm_mask",
+    "plan",
     "realized_n",
     "save_compressed",
     "sparsify",

@@ -82,6 +82,14 @@ class Target:
         `block_in_dim`."""
         return block_rows(tensor, self.out_dim, segment.groups, segment.start, segment.stop)
 
+    def rows_text(self, segment: Segment) -> str:
+        """``all``, ``start:stop``, or ``start:stop of every period`` for rows interleaved per head."""
+        if segment.start == 0 and segment.rows == self.out_size:
+            return "all"
+        if segment.groups == 1:
+            return f"{segment.start}:{segment.stop}"
+        return f"{segment.start}:{segment.stop} of {segment.groups}x{self.out_size // segment.groups}"
+
     @property
     def block_in_dim(self) -> int:
         return self.in_dim + 1 if self.in_dim > self.out_dim else self.in_dim
