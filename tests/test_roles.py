@@ -288,3 +288,14 @@ def test_plan_prints_what_sparsify_would_take_and_leaves_the_model_unchanged(cap
     assert printed == capsys.readouterr().out == plan.table + "\n" == sp.table + "\n"
     assert [t.qualified_name for t in plan.targets] == [t.qualified_name for t in sp.targets]
     assert "0:16 of 4x24" in plan.table  # Q and K of every head of NeoX's packed projection
+
+
+def test_flops_densities_of_a_partly_claimed_packed_projection_count_its_dense_rows():
+    model = neox()
+    sp = nmflow.sparsify(model, nmflow.Recipe("ste", {"q": "1:4", "v": "1:2"}, dense_steps=0), 2, verbose=False)
+    predicted = flops.final_densities(sp)
+    sp.finalize()
+
+    (name,) = predicted
+    weight = model.get_submodule(name).weight
+    assert predicted[name] == pytest.approx((weight != 0).float().mean().item())  # (1/4 + 1 + 1/2) / 3

@@ -181,6 +181,7 @@ def densities_at(sp: Sparsifier, step: int) -> dict[str, float]:
         size = sp.trainable_weight(t).numel()
         patterns = sp.patterns_at(t, step)
         share = sum(s.rows * (1.0 if p is None else p.density) for s, p in zip(t.segments, patterns))
+        share += t.out_size - sum(s.rows for s in t.segments)  # rows of a packed tensor no key claimed: dense
         kept[t.name] = kept.get(t.name, 0.0) + size * share / t.out_size
         sizes[t.name] = sizes.get(t.name, 0) + size
     return {name: kept[name] / sizes[name] for name in kept}
