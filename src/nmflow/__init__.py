@@ -11,9 +11,10 @@ import sys
 from nmflow.compressed import load_compressed, save_compressed
 from nmflow.core.errors import ConfigError, FinalizedError, NmflowError, NoMatchingTargetError, NonFiniteWeightError
 from nmflow.core.masks import NMPattern, is_nm, nm_mask, realized_n
+from nmflow.core.plan import Plan, plan
 from nmflow.core.recipes import METHODS, ROLES, Recipe
 from nmflow.core.schedules import Phase
-from nmflow.core.sparsifier import Plan, Sparsifier, SparsityStatus, plan, sparsify
+from nmflow.core.sparsifier import Sparsifier, SparsityStatus, sparsify
 
 __version__ = "0.2.0"
 

@@ -27,7 +27,7 @@ from nmflow.core.recipes import Recipe
 from nmflow.core.schedules import Phase
 from nmflow.core.targets import Segment, Target, is_sharded, resolve_targets
 
-__all__ = ["Plan", "Sparsifier", "SparsityStatus", "plan", "sparsify"]
+__all__ = ["Sparsifier", "SparsityStatus", "sparsify"]
 
 _STATE_VERSION = 2  # 1: nmflow 0.1, whose MDGF recipes left their default decay unsaid (it ended at 70%)
 _DYNAMO_RECOMPILE_LIMIT = 8
@@ -73,34 +73,6 @@ def sparsify(model: nn.Module, recipe: Recipe, total_steps: int, *, verbose: boo
     if verbose:
         print(sparsifier.table)
     return sparsifier
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What `sparsify` would take: the targets and the table it prints. The model is not touched."""
-
-    targets: tuple[Target, ...]
-    table: str
-
-    def __str__(self) -> str:
-        return self.table
-
-
-def plan(model: nn.Module, recipe: Recipe, total_steps: int, *, verbose: bool = True) -> Plan:
-    """Inspect a recipe on a model: the layers, roles, rows and patterns `sparsify` would take, as a table.
-
-    Runs every check `sparsify` runs on the recipe and the layers (raising the same errors) but attaches
-    nothing; prints the table unless ``verbose=False``.
-    """
-    if not isinstance(recipe, Recipe):
-        raise ConfigError(f"plan needs an nmflow.Recipe, got {type(recipe).__name__}")
-    recipe.phase_plan(total_steps)
-    recipe.resolved_beta(total_steps)
-    targets = resolve_targets(model, recipe)
-    table = Sparsifier(model, recipe, total_steps, targets).table  # an unattached sparsifier only formats
-    if verbose:
-        print(table)
-    return Plan(tuple(targets), table)
 
 
 class Sparsifier:
