@@ -9,18 +9,23 @@ encoder and timm blocks are covered in test_model_families.py.)
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers as T
 from helpers import nonzeros_per_group
+from test_model_families import FAMILIES as FIRST_FAMILIES
 from torch import nn
 
 import nmflow
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 VOCAB, DIM, HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 32, 64, 4, 2, 8
 BASE = dict(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=HIDDEN, num_hidden_layers=1, num_attention_heads=HEADS)
@@ -662,3 +667,17 @@ def test_training_then_finalize_leaves_exact_nm_rows_and_a_lossless_compressed_f
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[key], value) for key, value in state.items())
     assert {state_key(model, name) for name in family.expected["ff"]} <= set(stored)
+
+
+def test_the_readme_lists_exactly_the_tested_families():
+    text = README.read_text().split("written out from its transformers source:\n\n", 1)[1].split("\n\n", 1)[0]
+    text = re.sub(r"\(.*?\)", "", text.replace("\n", " "))  # variants in parentheses are tested ones too
+    aliases = {"torchstransformerlayers": "torch", "timmstyleblocks": "timm"}
+    listed = {
+        aliases.get(n, n) for n in (re.sub(r"[^a-z0-9]", "", item.lower()) for item in re.split(r",| and ", text))
+    }
+    tested = {re.sub(r"[^a-z0-9]", "", f.name) for f in (*FIRST_FAMILIES, *FAMILIES)}
+
+    assert all(any(t.startswith(name) for t in tested) for name in listed), listed
+    assert all(any(t.startswith(name) for name in listed) for t in tested), tested
+    assert len(listed) >= 45
