@@ -22,14 +22,13 @@ from nmflow.core.errors import ConfigError, NoMatchingTargetError
 from nmflow.core.layouts import Layout, block_rows, expert_weights, packed_layout, weight_layout
 from nmflow.core.masks import NMPattern
 from nmflow.core.recipes import Recipe
-from nmflow.core.roles import EXPERT_MODULE, NEVER_SCOPE, ROLE_RULES, ROLES_WITHIN
+from nmflow.core.roles import NEVER_SCOPE, ROLE_RULES, ROLES_WITHIN
 from nmflow.core.schedules import geometric_patterns, stepwise_patterns
 
-__all__ = ["Segment", "Target", "is_sharded", "resolve_targets"]
+__all__ = ["ROLE_RULES", "Segment", "Target", "is_sharded", "resolve_targets"]  # ROLE_RULES: the 0.2 path
 
 _COMPILED_RULES = tuple((re.compile(rf"(?:^|\.)(?:{pattern})$"), roles, kind) for pattern, roles, kind in ROLE_RULES)
 _NEVER = re.compile(NEVER_SCOPE)
-_EXPERTS = re.compile(rf"(?:^|\.){EXPERT_MODULE}$")
 
 
 @dataclass(frozen=True)
@@ -114,9 +113,13 @@ class _Slot:
 
 
 # ------------------------------------------------------------------ pass 1: candidates
+def _never(name: str) -> bool:
+    return bool(_NEVER.search(f"{name}."))
+
+
 def _rule_for(name: str, module: nn.Module, parent: nn.Module | None) -> tuple[tuple[str, ...], str | None] | None:
-    """(roles, packed layout kind) of a module, or None when no role is known."""
-    if _NEVER.search(name) or isinstance(module, nn.Embedding):
+    """(roles, packed layout kind) of a module's weight, or None when no role is known."""
+    if _never(name) or isinstance(module, nn.Embedding):
         return None
     torch_layer = isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
     if torch_layer and name.rsplit(".", 1)[-1] in ("linear1", "linear2"):
@@ -140,33 +143,34 @@ def _slot(name: str, module: nn.Module, param: str, rule: Any, config: Any, dims
     return _Slot(name, module, param, *dims, layout, True)
 
 
+def _slots_of(name: str, module: nn.Module, parent: nn.Module | None, config: Any) -> list[_Slot]:
+    """The candidate tensors one module owns (none for most modules)."""
+    if isinstance(module, nn.MultiheadAttention):
+        if module._qkv_same_embed_dim:
+            rules = {"in_proj_weight": (("q", "k", "v"), "in_proj_weight")}
+        else:
+            rules = {f"{role}_proj_weight": ((role,), None) for role in ("q", "k", "v")}
+        return [_slot(name, module, p, None if _never(name) else r, config, (1, 0)) for p, r in rules.items()]
+    slots = []
+    for param in expert_weights(name, module):
+        rule = None if _never(name) else (("experts",), None)
+        dims = weight_layout(module, param) or (-1, 1)  # -1: orientation unknown, refused if claimed
+        slots.append(_slot(name, module, param, rule, config, dims))
+    dims = weight_layout(module)
+    if dims is not None and _has_weight(module):
+        slots.append(_slot(name, module, "weight", _rule_for(name, module, parent), config, dims))
+    return slots
+
+
 def _candidates(model: nn.Module) -> list[_Slot]:
     """Every tensor nmflow can sparsify, with the roles of its rows."""
     parents = {f"{n}.{c}" if n else c: m for n, m in model.named_modules() for c, _ in m.named_children()}
     configs = {n: m.config for n, m in model.named_modules() if hasattr(getattr(m, "config", None), "model_type")}
-    slots = []
-    for name, module in model.named_modules():
-        config = _nearest(configs, name)
-        never = bool(_NEVER.search(f"{name}."))
-        if isinstance(module, nn.MultiheadAttention):
-            rule = None if never else (("q", "k", "v"), "in_proj_weight")
-            if module._qkv_same_embed_dim:
-                slots.append(_slot(name, module, "in_proj_weight", rule, config, (1, 0)))
-            else:
-                for role in ("q", "k", "v"):
-                    slots.append(
-                        _slot(name, module, f"{role}_proj_weight", None if never else ((role,), None), config, (1, 0))
-                    )
-            continue
-        if _EXPERTS.search(name):
-            for param in expert_weights(name, module):
-                dims = weight_layout(module, param)
-                rule = None if never else (("experts",), None)
-                slots.append(_slot(name, module, param, rule, config, dims or (-1, 1)))  # -1: refused if claimed
-        dims = weight_layout(module)
-        if dims is not None and _has_weight(module):
-            slots.append(_slot(name, module, "weight", _rule_for(name, module, parents.get(name)), config, dims))
-    return slots
+    return [
+        slot
+        for name, module in model.named_modules()
+        for slot in _slots_of(name, module, parents.get(name), _nearest(configs, name))
+    ]
 
 
 def _nearest(configs: dict[str, Any], name: str) -> Any:
