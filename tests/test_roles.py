@@ -299,3 +299,23 @@ def test_flops_densities_of_a_partly_claimed_packed_projection_count_its_dense_r
     (name,) = predicted
     weight = model.get_submodule(name).weight
     assert predicted[name] == pytest.approx((weight != 0).float().mean().item())  # (1/4 + 1 + 1/2) / 3
+
+
+def test_sparsified_experts_save_and_load_with_transformers_as_dense_master_weights(tmp_path):
+    model = mixtral()
+    keys = set(model.state_dict())
+    sp = nmflow.sparsify(model, nmflow.Recipe("oneshot", {"experts": "1:4"}, dense_steps=1), 4, verbose=False)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        lm_step(model, gen).backward()
+        sp.step()
+
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(123)  # a weight the checkpoint failed to provide would come out different
+    loaded = type(model).from_pretrained(tmp_path).state_dict()
+
+    assert set(loaded) == keys
+    for name in EXPERT_WEIGHTS:
+        module, _, param = name.rpartition(".")
+        master = model.get_submodule(module).parametrizations[param].original
+        assert torch.equal(loaded[name], master.detach())
