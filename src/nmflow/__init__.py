@@ -18,6 +18,7 @@ from nmflow.core.errors import (
     NonFiniteWeightError,
 )
 from nmflow.core.masks import NMPattern, is_nm, nm_mask, realized_n
+from nmflow.core.plan import Plan, plan
 from nmflow.core.recipes import METHODS, ROLES, Recipe
 from nmflow.core.schedules import Phase
 from nmflow.core.sparsifier import Sparsifier, SparsityStatus, sparsify
@@ -40,6 +41,7 @@ __all__ = [
     "NoMatchingTargetError",
     "NonFiniteWeightError",
     "Phase",
+    "Plan",
     "Recipe",
     "Sparsifier",
     "SparsityStatus",
@@ -47,6 +49,7 @@ __all__ = [
     "is_nm",
     "load_compressed",
     "nm_mask",
+    "plan",
     "realized_n",
     "save_compressed",
     "sparsify",

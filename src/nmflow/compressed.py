@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from nmflow.core.errors import ConfigError
-from nmflow.core.targets import _layout
+from nmflow.core.layouts import weight_input_dims
 
 FORMAT = "nmflow-nm"
 VERSION = 1
@@ -184,22 +184,6 @@ def _decode(name: str, info: dict, parts: dict[str, torch.Tensor | None], where:
 
 
 # ------------------------------------------------------------------ public API
-def _model_layouts(model: nn.Module) -> dict[str, int]:
-    """State-dict key -> input dim for every weight whose module layout nmflow knows."""
-    layouts = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        prefix = f"{name}." if name else ""
-        if isinstance(module, nn.MultiheadAttention):
-            for param in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
-                if getattr(module, param, None) is not None:
-                    layouts[prefix + param] = 1
-            continue
-        layout = _layout(module)
-        if layout is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
-            layouts[prefix + "weight"] = layout[0]
-    return layouts
-
-
 def save_compressed(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     path: str | os.PathLike,
@@ -217,7 +201,7 @@ def save_compressed(
 
     if isinstance(model_or_state_dict, nn.Module):
         state = model_or_state_dict.state_dict()
-        candidates = {**_model_layouts(model_or_state_dict), **(layouts or {})}
+        candidates = {**weight_input_dims(model_or_state_dict), **(layouts or {})}
     else:
         state, candidates = dict(model_or_state_dict), dict(layouts or {})
     for name, value in state.items():

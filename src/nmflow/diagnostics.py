@@ -42,8 +42,8 @@ class StepDiagnostics:
     def __init__(self, sparsifier: Sparsifier, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.sparsifier = sparsifier
         self.optimizer = optimizer
-        # (key, target, slice of the out dimension) for every sparsified segment
-        self._pieces = [(seg.key, t, seg.start, seg.stop) for t in sparsifier.targets for seg in t.segments]
+        # (key, target, segment) for every sparsified segment
+        self._pieces = [(seg.key, t, seg) for t in sparsifier.targets for seg in t.segments]
         self._grad: dict[str, float] = {}
         self._masks: dict[str, torch.Tensor] | None = None
         self._masks_step = -1
@@ -51,11 +51,11 @@ class StepDiagnostics:
     def _by_key(self, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """The segments of ``tensors`` (named like the targets) grouped by recipe key."""
         pieces: dict[str, dict[str, torch.Tensor]] = {}
-        for key, t, start, stop in self._pieces:
+        for key, t, seg in self._pieces:
             tensor = tensors.get(t.qualified_name)
             if tensor is not None:
-                label = f"{t.qualified_name}[{start}:{stop}]"
-                pieces.setdefault(key, {})[label] = tensor.narrow(t.out_dim, start, stop - start)
+                label = f"{t.qualified_name}[{seg.start}:{seg.stop}/{seg.groups}]"
+                pieces.setdefault(key, {})[label] = t.block(tensor, seg)
         return pieces
 
     def _weights(self) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ the current density instead, i.e. it takes the weight gradients of STE-style rec
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -82,7 +83,9 @@ def count_inference_flops(
 ) -> FlopsCount:
     """FLOPs of one ``model(*args, **kwargs)`` per layer; ``densities`` maps module names to the fraction kept."""
     cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    counter = FlopCounterMode(display=False, custom_mapping={cpu_sdpa: _sdpa_flops} if cpu_sdpa else {})
+    grouped_mm = getattr(torch.ops.aten, "_grouped_mm", None)  # MoE experts in transformers 5
+    mapping = {op: flops for op, flops in ((cpu_sdpa, _sdpa_flops), (grouped_mm, _grouped_mm_flops)) if op}
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
     out_proj = {}  # nn.MultiheadAttention runs its out_proj functionally: its FLOPs land on the parent
     hooks = [
         mha.register_forward_hook(_out_proj_recorder(out_proj))
@@ -106,6 +109,12 @@ def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     """QK^T and AV of the CPU SDPA kernel (shapes [batch, heads, seq, dim]; K/V may have fewer heads)."""
     batch, heads, seq_q, dim = query
     return 2 * batch * heads * seq_q * key[-2] * (dim + value[-1])
+
+
+def _grouped_mm_flops(a, b, *args, out_shape=None, **kwargs) -> int:
+    """One matmul per expert: [tokens, in] x [experts, in, out] (or batched); the tokens add up to the rows."""
+    flops = 2 * math.prod(out_shape) * a[-1]
+    return flops // out_shape[0] if len(a) == len(b) == 2 else flops  # 2-D x 2-D: the groups split `in`
 
 
 def _out_proj_recorder(out_proj: dict):

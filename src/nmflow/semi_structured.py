@@ -11,7 +11,8 @@ actual zeros, not its recipe: whatever `Sparsifier.finalize` (or `load_compresse
 
 Only ``nn.Linear`` weights are converted: the kernels compute ``x @ W.T`` with the compressed operand grouped
 along its rows' inputs, which is a Linear's layout. HF's ``Conv1D`` (GPT-2) stores ``W`` as [in, out] and
-multiplies ``x @ W``; it is reported, not converted (replace those modules by ``nn.Linear`` first).
+multiplies ``x @ W``; it is reported, not converted (replace those modules by ``nn.Linear`` first), and so are
+3-D mixture-of-experts weights.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from nmflow.core.errors import ConfigError
+from nmflow.core.layouts import expert_weights
 
 __all__ = ["Candidate", "convert", "is_two_four_valid", "plan"]
 
@@ -43,6 +45,7 @@ def plan(model: nn.Module) -> list[Candidate]:
     """Every Linear (and Conv1D) weight with its verdict; reads the weights, changes nothing."""
     candidates = []
     for name, module in model.named_modules():
+        candidates.extend(_expert_candidates(name, module))
         kind = type(module).__name__
         if not isinstance(module, nn.Linear) and kind != "Conv1D":
             continue
@@ -94,6 +97,15 @@ def convert(model: nn.Module) -> list[Candidate]:
             module = model.get_submodule(candidate.name)
             module.weight = nn.Parameter(to_sparse_semi_structured(module.weight.detach()), requires_grad=False)
     return candidates
+
+
+def _expert_candidates(name: str, module: nn.Module) -> list[Candidate]:
+    """3-D MoE expert weights: listed so that a plan accounts for every sparsified tensor, never converted."""
+    reason = "3-D expert weight: the semi-structured kernels take 2-D nn.Linear weights only"
+    return [
+        Candidate(f"{name}.{param}", tuple(getattr(module, param).shape), False, reason)
+        for param in expert_weights(name, module)
+    ]
 
 
 def _reasons(candidates: list[Candidate]) -> str:

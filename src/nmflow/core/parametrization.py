@@ -54,8 +54,9 @@ class NMParametrization(nn.Module):
 
     def __init__(self, target: Target, rule: GradientRule, srste_lambda: float) -> None:
         super().__init__()
+        self.target = target
         self.segments = target.segments
-        self.in_dim, self.out_dim = target.in_dim, target.out_dim
+        self.in_dim = target.in_dim
         self.rule, self.srste_lambda = rule, srste_lambda
         self._covers_all = target.fully_covered
         self.patterns: tuple[NMPattern | None, ...] = (None,) * len(self.segments)  # None: dense
@@ -82,10 +83,8 @@ class NMParametrization(nn.Module):
         mask = torch.ones_like(weight, dtype=torch.bool)
         for seg, pattern in zip(self.segments, self.patterns):
             if pattern is not None:
-                block = weight.narrow(self.out_dim, seg.start, seg.stop - seg.start)
-                mask.narrow(self.out_dim, seg.start, seg.stop - seg.start).copy_(
-                    compute_mask(block, pattern, self.in_dim)
-                )
+                block = self.target.block(weight, seg)
+                self.target.block(mask, seg).copy_(compute_mask(block, pattern, self.target.block_in_dim))
         return mask
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,7 @@ def takes_decay(method: str) -> bool:
     return spec is not None and spec.decay is not None
 
 
-ROLES = ("ff", "q", "k", "v", "qk", "qkv", "attn_out")
+ROLES = ("ff", "experts", "q", "k", "v", "qk", "qkv", "attn_out")
 """Role names a recipe may use, besides ``re:<regex>`` on full module names."""
 
 WALKS = ("stepwise", "geometric")
@@ -124,6 +124,7 @@ class Recipe:
             pattern walk (the paper's future work).
         skip_indivisible: skip, with a warning, layers whose input dimension M does not divide,
             instead of raising.
+        exclude: regexes (``re.fullmatch`` on full module names) of layers to leave dense whatever their role.
     """
 
     method: str
@@ -140,6 +141,7 @@ class Recipe:
     geometric_k: int = 16
     patterns: str | Sequence[str] | Mapping[str, Sequence[str]] | None = None
     skip_indivisible: bool = False
+    exclude: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -152,6 +154,7 @@ class Recipe:
         if not is_whole_number(self.geometric_k, minimum=1) or self.geometric_k & (self.geometric_k - 1):
             raise ConfigError(f"geometric_k must be a power of two >= 1, got {self.geometric_k!r}")
         object.__setattr__(self, "patterns", self._checked_patterns())
+        object.__setattr__(self, "exclude", self._checked_exclude())
 
     # ----------------------------------------------------------------- validation
     def _checked_sparsity(self) -> dict[str, NMPattern]:
@@ -177,6 +180,16 @@ class Recipe:
             if a in checked and b in checked:
                 raise ConfigError(f"roles {a!r} and {b!r} both claim the same projections; give only one")
         return checked
+
+    def _checked_exclude(self) -> tuple[str, ...]:
+        if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
+            raise ConfigError(f"exclude must be a list of regexes on module names, got {self.exclude!r}")
+        for pattern in self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"exclude {pattern!r}: invalid regular expression ({err})") from None
+        return tuple(self.exclude)
 
     def _check_phases(self) -> None:
         for frac_name, steps_name in (("dense_fraction", "dense_steps"), ("finetune_fraction", "finetune_steps")):
@@ -317,6 +330,7 @@ class Recipe:
         """Plain types only (str, int, float, list, dict), for YAML/JSON and `weights_only` loads."""
         data = asdict(self)
         data["sparsity"] = {role: str(p) for role, p in self.sparsity.items()}
+        data["exclude"] = list(self.exclude)
         if isinstance(self.patterns, dict):
             data["patterns"] = {role: [str(p) for p in seq] for role, seq in self.patterns.items()}
         return data

@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 from nmflow.core.errors import ConfigError, FinalizedError, NmflowError, NonFiniteWeightError, is_whole_number
 from nmflow.core.masks import NMPattern, realized_n
 from nmflow.core.parametrization import NMParametrization
+from nmflow.core.plan import layer_table, schedule_states
 from nmflow.core.recipes import Recipe, takes_decay
 from nmflow.core.schedules import Phase, PhasePlan, RunSchedule
 from nmflow.core.targets import Segment, Target, is_sharded, resolve_targets
@@ -30,7 +31,6 @@ from nmflow.core.targets import Segment, Target, is_sharded, resolve_targets
 __all__ = ["Sparsifier", "SparsityStatus", "sparsify"]
 
 _STATE_VERSION = 2  # 1: nmflow 0.1, whose MDGF recipes left their default decay unsaid (it ended at 70%)
-_DYNAMO_RECOMPILE_LIMIT = 8
 
 
 @dataclass(frozen=True)
@@ -122,22 +122,18 @@ class Sparsifier:
             per_row = self.trainable_weight(t).numel() // t.out_size  # shape only: no forward work
             for seg, pattern in zip(t.segments, self.patterns_at(t, step)):
                 name = seg.key if by == "key" else t.name
-                size = per_row * (seg.stop - seg.start)
+                size = per_row * seg.rows
                 kept[name] = kept.get(name, 0.0) + size * (1.0 if pattern is None else pattern.density)
                 sizes[name] = sizes.get(name, 0) + size
+            if by == "module":  # rows of a packed tensor that no recipe key claimed stay dense
+                unclaimed = per_row * (t.out_size - sum(seg.rows for seg in t.segments))
+                kept[t.name] += unclaimed
+                sizes[t.name] += unclaimed
         return {name: kept[name] / sizes[name] for name in kept}
 
     def schedule_states(self) -> int:
-        """How many distinct (patterns, soft masks) states the run passes through.
-
-        Under ``torch.compile`` each state is one graph, and dynamo stops compiling past
-        ``torch._dynamo.config.recompile_limit`` (8 by default) graphs per function.
-        """
-        states = set()
-        for step in self.change_points():
-            decay = self.decay_at(step)
-            states.add((tuple(self.patterns_at(t, step) for t in self.targets), bool(decay)))
-        return len(states)
+        """How many distinct (patterns, soft masks) states the run passes through (one graph each under compile)."""
+        return schedule_states(self.schedule, self.targets)
 
     def reschedule(self, total_steps: int) -> None:
         """Plan the run anew for ``total_steps``, before the first step.
@@ -188,8 +184,8 @@ class Sparsifier:
         for t in self.targets if self.schedule.masked else ():
             weight = getattr(t.module, t.param_name).detach()
             for seg in t.segments:
-                block = weight.narrow(t.out_dim, seg.start, seg.stop - seg.start)
-                realized = realized_n(block, seg.target.m, t.in_dim)
+                block = t.block(weight, seg)
+                realized = realized_n(block, seg.target.m, t.block_in_dim)
                 if realized > seg.target.n:
                     raise NmflowError(f"{_label(t, seg)} should be {seg.target} but a group holds {realized} non-zeros")
                 kept, total = int(block.count_nonzero()), block.numel()
@@ -355,35 +351,9 @@ class Sparsifier:
     # ----------------------------------------------------------------- reporting
     @property
     def table(self) -> str:
-        """The layers taken: name, role, shape, grouping dimension, target and pattern walk."""
-        rows = [("layer", "role", "shape", "in-dim", "target", "schedule")]
-        for t in self.targets:
-            shape = "x".join(str(s) for s in self.trainable_weight(t).shape)
-            for seg in t.segments:
-                walk = " > ".join(str(p) for p in seg.sequence) if len(seg.sequence) > 1 else ""
-                target = str(seg.target) if self.schedule.masked else "dense"
-                rows.append((t.qualified_name, seg.role, shape, str(t.in_dim), target, walk))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        plan = self.plan
-        header = f"nmflow: {self.recipe.method}, {len(self.targets)} tensors, {self.total_steps} steps "
-        if not self.schedule.masked:
-            header += "(reference run: no masks)"
-        else:
-            header += (
-                f"(dense 0-{plan.sparse_start}, sparse {plan.sparse_start}-{plan.finetune_start}, "
-                f"finetune {plan.finetune_start}-{plan.total_steps})"
-            )
-        if self.schedule.beta is not None:
-            header += f", beta={self.schedule.beta:.4g}"
-        states = self.schedule_states()
-        if states > _DYNAMO_RECOMPILE_LIMIT:
-            header += (
-                f"\nnote: {states} schedule states; under torch.compile each is one graph, so raise "
-                f"torch._dynamo.config.recompile_limit above its default {_DYNAMO_RECOMPILE_LIMIT}"
-            )
-        return header + "\n" + "\n".join(lines)
+        """The layers taken: name, role, shape, rows, grouping dimension, target and pattern walk."""
+        shapes = [tuple(self.trainable_weight(t).shape) for t in self.targets]
+        return layer_table(self.recipe, self.schedule, self.targets, shapes)
 
     def trainable_weight(self, target: Target) -> torch.Tensor:
         """The parameter the optimizer updates for ``target`` (the unmasked weight while attached)."""
