@@ -159,6 +159,20 @@ def test_config_file_with_a_flag_overriding_it(tmp_path, capsys):
     assert [m["step"] for m in read_metrics(out) if "loss" in m] == [4, 8, 12, 16]
 
 
+def test_exclude_leaves_the_layers_it_names_dense_and_is_recorded(tmp_path, capsys, tiny_run):
+    out = tmp_path / "run"
+    status, err = run_cli(["train", "--steps", "4", "--exclude", r"vit\.layers\.0\..*", "--out", str(out)], capsys)
+    assert (status, err) == (0, "")
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["layer"] for r in summary["layers"]] == [name for name in FF_LAYERS if ".layers.0." not in name]
+    assert yaml.safe_load((out / "config.yaml").read_text())["exclude"] == [r"vit\.layers\.0\..*"]
+    assert "exclude" not in yaml.safe_load((tiny_run[2] / "config.yaml").read_text())  # as before exclude existed
+    modules = dict(nmflow_model(str(out)).named_modules())
+    for name in FF_LAYERS:
+        weight = modules[name].weight
+        assert nmflow.is_nm(weight, 1, 16) == (".layers.0." not in name)
+
+
 @pytest.mark.parametrize(
     ("config_text", "flags", "culprit"),
     [
@@ -170,6 +184,8 @@ def test_config_file_with_a_flag_overriding_it(tmp_path, capsys):
         ("", ["--sparsity", "ff=16:1"], "16:1"),
         ("", ["--sparsity", "mlp=1:16"], "mlp"),
         ("", ["--sparsity", "ff=1:128"], "1:128"),  # M larger than the 64 inputs of fc1
+        ("", ["--exclude", "vit.nothing"], "vit.nothing"),
+        ("", ["--exclude", "(["], "(["),
     ],
 )
 def test_bad_input_exits_2_naming_the_culprit_and_writes_nothing(tmp_path, capsys, config_text, flags, culprit):

@@ -77,9 +77,15 @@ def _add_train_command(commands: Any) -> None:
         f"roles; any given replaces the default {default_sparsity}",
     )
     recipe_group = command.add_argument_group("recipe options", "passed on to nmflow.Recipe, with its defaults")
+    recipe_group.add_argument(
+        "--exclude",
+        action="append",
+        metavar="REGEX",
+        help="leave the layers whose full module name matches REGEX (re.fullmatch) dense; repeat for several",
+    )
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
-        if f.name == "sparsity" or not f.metadata.get("cli", True):
+        if f.name in ("sparsity", "exclude") or not f.metadata.get("cli", True):  # those two are added above
             continue
         group = recipe_group if f.name in RECIPE_OPTIONS else command
         flag, kind = "--" + f.name.replace("_", "-"), _scalar_type(hints[f.name])

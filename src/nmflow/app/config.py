@@ -125,6 +125,9 @@ class TrainConfig:
         None, "pattern walk: 'stepwise', 'geometric', a list of 'N:M' or a mapping role -> list", cli=False
     )
     skip_indivisible: bool = _option(False, "leave layers dense whose input size M does not divide, instead of failing")
+    exclude: list[str] | None = _option(
+        None, "regexes (re.fullmatch) of module names to leave dense, e.g. ['.*layers\\.0\\..*']"
+    )
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -169,9 +172,16 @@ class TrainConfig:
         return Recipe(self.method, self.sparsity, **options)
 
     def resolved(self, out: Path) -> dict[str, Any]:
-        """What ``config.yaml`` holds: every key with the value used, the recipe's defaults spelled out."""
+        """What ``config.yaml`` holds: every key with the value used, the recipe's defaults spelled out.
+
+        ``exclude`` only when it excludes something, so the configs of runs that exclude nothing read as those of
+        the versions before it (resuming and grouping in reports compare configs key by key).
+        """
         recipe = {k: v for k, v in self.recipe().to_dict().items() if k in (*RECIPE_OPTIONS, "sparsity")}
-        return {"nmflow_version": __version__, **asdict(replace(self, out=str(out), **recipe))}
+        resolved = {"nmflow_version": __version__, **asdict(replace(self, out=str(out), **recipe))}
+        if not resolved["exclude"]:
+            del resolved["exclude"]
+        return resolved
 
 
 _RECIPE_ONLY = {f.name for f in fields(Recipe)} - {"method", "sparsity"}
