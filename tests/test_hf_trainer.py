@@ -251,7 +251,8 @@ def test_example_script_runs(tmp_path):
 def _accelerate_worker(output_dir: str) -> None:
     """One process of `accelerate.debug_launcher` (what `accelerate launch --num_processes 2 --cpu` sets up)."""
     torch.set_num_threads(1)
-    trainer, callback, weights = train("srste", output_dir, save_strategy="no")
+    # ddp_timeout: Accelerate's process group gives up after 60 s, so a dead peer fails the test instead of hanging
+    trainer, callback, weights = train("srste", output_dir, save_strategy="no", ddp_timeout=60)
     rank = trainer.args.process_index
     logs = [(entry["step"], entry["nmflow/D"]) for entry in nmflow_logs(trainer)]
     record = {"world": trainer.args.world_size, "steps": callback.sparsifier.step_count, "logs": logs, **weights}
