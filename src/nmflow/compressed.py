@@ -27,7 +27,6 @@ Every other tensor is stored as is under its own name.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -41,6 +40,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from nmflow.core.checksums import crc32_of
 from nmflow.core.errors import ConfigError
 from nmflow.core.targets import _layout
 
@@ -299,20 +299,11 @@ def save_compressed(
 
 
 # ------------------------------------------------------------------ checksums
-def _crc32(tensor: torch.Tensor) -> int:
-    """CRC-32 of a tensor's bytes as stored, read in place (zlib releases the GIL, so threads run in parallel)."""
-    tensor = tensor.contiguous()
-    size = tensor.numel() * tensor.element_size()
-    if size == 0:
-        return zlib.crc32(b"")
-    return zlib.crc32((ctypes.c_char * size).from_address(tensor.data_ptr()))
-
-
 def _describe(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict]:
     """``{key: {"dtype", "shape", "crc32"}}`` of every stored tensor, the biggest checksummed first."""
     keys = sorted(tensors, key=lambda key: -tensors[key].numel() * tensors[key].element_size())
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        checksums = dict(zip(keys, pool.map(lambda key: _crc32(tensors[key]), keys)))
+        checksums = dict(zip(keys, pool.map(lambda key: crc32_of(tensors[key]), keys)))
     return {
         key: {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape), "crc32": checksums[key]}
         for key, tensor in tensors.items()
