@@ -140,3 +140,16 @@ def test_a_version_1_file_loads_identical_weights_with_a_warning_that_it_is_unch
     with pytest.warns(UserWarning, match=r"old\.safetensors.*version 1.*no checksums.*unchecked"):
         loaded = nmflow.load_compressed(path)
     assert same_bits(loaded, state)
+
+
+@pytest.mark.parametrize("key", ["w::nm.values", "w::nm.indices", "w::nm.zero_signs", "v::nm.indices", "bias"])
+def test_the_message_names_the_damaged_tensor(saved, tmp_path, key):
+    data, _ = saved
+    header_length = struct.unpack("<Q", data[:8])[0]
+    begin, end = json.loads(data[8 : 8 + header_length])[key]["data_offsets"]
+    damaged = bytearray(data)
+    damaged[8 + header_length + end - 1] ^= 0x80  # the last byte's top bit: padding, for the packed blobs
+    path = tmp_path / "damaged.safetensors"
+    path.write_bytes(damaged)
+    with pytest.raises(nmflow.ConfigError, match=rf"damaged\.safetensors: stored tensor '{key}' is corrupted"):
+        nmflow.load_compressed(path)
