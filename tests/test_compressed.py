@@ -312,3 +312,43 @@ def test_a_failed_save_leaves_the_previous_file_and_no_leftovers(tmp_path, monke
     with pytest.raises(OSError, match="disk full"):
         nmflow.save_compressed({"w": torch.ones(4, 8)}, fresh)
     assert not fresh.exists()
+
+
+# ------------------------------------------------------------------ checksums (damage: tests/test_damage.py)
+def resigned(tmp_path, edit_metadata) -> os.PathLike:
+    """The small checkpoint with its metadata edited, the header's own CRC-32 recomputed unless the edit removes it."""
+    tensors, _ = stored(small_checkpoint(tmp_path))
+    with safe_open(str(tmp_path / "ckpt.safetensors"), framework="pt") as reader:
+        metadata = dict(reader.metadata())
+    edit_metadata(metadata)
+    if "nmflow.crc32" in metadata:
+        metadata["nmflow.crc32"] = str(zlib.crc32(metadata["nmflow"].encode()))
+    path = tmp_path / "edited.safetensors"
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def test_a_version_2_file_without_its_header_checksum_is_refused(tmp_path):
+    path = resigned(tmp_path, lambda metadata: metadata.pop("nmflow.crc32"))
+    with pytest.raises(nmflow.ConfigError, match=r"edited\.safetensors: a version 2 header without a checksum"):
+        nmflow.load_compressed(path)
+
+
+def test_a_stored_tensor_of_another_shape_than_recorded_is_refused(tmp_path):
+    def reshape_record(metadata):
+        header = json.loads(metadata["nmflow"])
+        header["stored"]["w::nm.values"]["shape"] = [15]  # 4 x 32 at 1:8 keeps 16
+        metadata["nmflow"] = json.dumps(header)
+
+    with pytest.raises(nmflow.ConfigError, match=r"'w::nm\.values' is .*'shape': \[16\].*recorded .*'shape': \[15\]"):
+        nmflow.load_compressed(resigned(tmp_path, reshape_record))
+
+
+def test_read_compressed_returns_the_checked_header_and_the_raw_parts(tmp_path):
+    path = small_checkpoint(tmp_path)
+    header, parts = nmflow.compressed.read_compressed(path)
+    raw, raw_header = stored(path)
+    assert header == raw_header and set(parts) == set(raw) == {
+        f"w::nm.{part}" for part in ("values", "indices", "zero_signs")
+    }
+    assert all(torch.equal(parts[key], raw[key]) for key in raw)

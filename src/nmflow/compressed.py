@@ -360,11 +360,10 @@ def _check_stored(path: str, header: dict, stored: dict[str, torch.Tensor]) -> N
         expected = recorded[key]
         if found == expected:
             continue
-        if isinstance(expected, dict) and {k: v for k, v in found.items() if k != "crc32"} == {
-            k: v for k, v in expected.items() if k != "crc32"
-        }:
+        layout = {"dtype": found["dtype"], "shape": found["shape"]}
+        if isinstance(expected, dict) and layout == {k: expected.get(k) for k in layout}:
             raise ConfigError(f"{path}: stored tensor {key!r} is corrupted (its CRC-32 differs from the recorded one)")
-        raise ConfigError(f"{path}: stored tensor {key!r} is {found['dtype']} {found['shape']}, recorded {expected}")
+        raise ConfigError(f"{path}: stored tensor {key!r} is {layout}, the header recorded {expected}")
 
 
 def read_compressed(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
