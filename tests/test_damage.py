@@ -105,6 +105,29 @@ def test_every_single_bit_flip_is_refused_naming_the_file(saved, tmp_path):
     assert all(outcome == "refused" for part, outcome in outcomes if part != "JSON header"), outcomes
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    st.sampled_from([(1, 4), (2, 4), (1, 8), (3, 8), (1, 16), (5, 32)]),
+    st.integers(1, 5),
+    st.booleans(),
+    st.data(),
+)
+def test_a_flipped_bit_in_any_compressed_tensor_is_refused(tmp_path_factory, dtype, pattern, rows, negative, data):
+    n, m = pattern
+    weight = torch.randn(rows, 2 * m).to(dtype)
+    mask = nmflow.nm_mask(weight, n, m, dim=1)
+    weight = weight * mask if negative else weight.masked_fill(~mask, 0.0)  # w * mask keeps -0.0: a sign blob
+    path = tmp_path_factory.mktemp("flip") / "ckpt.safetensors"
+    nmflow.save_compressed({"w": weight}, path, layouts={"w": 1})
+    original = path.read_bytes()
+    classes = bit_classes(original)
+    stored_bits = [bit for bit, part in enumerate(classes) if part not in ("header length", "JSON header")]
+    bit = data.draw(st.sampled_from(stored_bits))
+    path.write_bytes(original[: bit // 8] + bytes([original[bit // 8] ^ (1 << (bit % 8))]) + original[bit // 8 + 1 :])
+    assert load_outcome(path, {"w": weight}) == "refused", classes[bit]
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_overwritten_truncated_or_extended_files_are_refused_or_identical(saved, tmp_path_factory, data):
