@@ -352,3 +352,15 @@ def test_read_compressed_returns_the_checked_header_and_the_raw_parts(tmp_path):
         f"w::nm.{part}" for part in ("values", "indices", "zero_signs")
     }
     assert all(torch.equal(parts[key], raw[key]) for key in raw)
+
+
+def test_the_new_file_is_synced_before_it_replaces_the_old_and_the_rename_after(tmp_path, monkeypatch):
+    from nmflow import compressed
+
+    events, real_sync, real_replace = [], compressed._sync, os.replace
+    monkeypatch.setattr(compressed, "_sync", lambda path: events.append(("sync", path)) or real_sync(path))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", a)) or real_replace(a, b))
+    path = small_checkpoint(tmp_path)
+    temporary = events[0][1]
+    assert events == [("sync", temporary), ("replace", temporary), ("sync", str(tmp_path))]
+    assert os.path.dirname(temporary) == str(tmp_path) and not os.path.exists(temporary) and path.is_file()

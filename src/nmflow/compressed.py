@@ -291,11 +291,22 @@ def save_compressed(
     os.close(handle)
     try:
         save_file(tensors, temporary, metadata=metadata)
+        _sync(temporary)  # on disk before the rename, so a crash leaves the old file or the whole new one
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
         raise
+    if os.name == "posix":
+        _sync(folder)  # the rename itself
     return chosen
+
+
+def _sync(path: str) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 # ------------------------------------------------------------------ checksums
