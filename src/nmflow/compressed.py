@@ -333,14 +333,16 @@ def _parse_header(path: str, metadata: Mapping[str, str]) -> dict:
         version, order, infos = header["version"], header["order"], header["tensors"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path}: the nmflow header is not valid ({exc!r})") from None
-    if header.get("format") != FORMAT or version not in (VERSION, _UNCHECKED_VERSION):
+    if header.get("format") != FORMAT or type(version) is not int or version not in (VERSION, _UNCHECKED_VERSION):
         raise ConfigError(
             f"{path}: format {header.get('format')!r} version {version!r}; "
             f"this nmflow reads {FORMAT!r} versions {_UNCHECKED_VERSION} and {VERSION}"
         )
     if (version == VERSION) != (recorded is not None):
         raise ConfigError(f"{path}: a version {version} header {'without' if recorded is None else 'with'} a checksum")
-    if not (isinstance(order, list) and isinstance(infos, dict) and set(infos) <= set(order)):
+    if not (isinstance(order, list) and all(isinstance(k, str) for k in order) and isinstance(infos, dict)):
+        raise ConfigError(f"{path}: the nmflow header's tensor list is not valid")
+    if not set(infos) <= set(order):
         raise ConfigError(f"{path}: the nmflow header's tensor list is not valid")
     if version == _UNCHECKED_VERSION:
         warnings.warn(
@@ -385,7 +387,9 @@ def read_compressed(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
     compressed entry against its parts' dtypes and shapes. Not checked here: that the unpacked in-group indices
     are in range and ascending (:func:`load_compressed` does that as it decodes; in a version-2 file the CRC-32
     already vouches that they are the bytes :func:`save_compressed` wrote). Raises :class:`ConfigError` naming
-    the file and the tensor; a version-1 file (no checksums) loads with a warning.
+    the file and the tensor; a version-1 file (no checksums) loads with a warning. As with safetensors'
+    ``load_file``, the tensors are views of the file's memory map: copy them before overwriting the file in
+    place (``save_compressed`` replaces it, which leaves them intact).
     """
     from safetensors import safe_open
 
@@ -408,7 +412,8 @@ def read_compressed(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
 def load_compressed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint written by :func:`save_compressed`: a plain state dict, bitwise equal to the original.
 
-    Everything is checked (see :func:`read_compressed`) before anything is returned.
+    Everything is checked (see :func:`read_compressed`) before anything is returned. Tensors stored dense are
+    views of the file's memory map, as with safetensors' ``load_file``.
     """
     header, stored = read_compressed(path)
     path, infos = os.fspath(path), header["tensors"]
