@@ -87,3 +87,26 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
     except SystemExit as exit_:
         status = exit_.code
     return status, capsys.readouterr().err
+
+
+def write_compressed(path, tensors: dict, header: dict) -> None:
+    """Write a compressed checkpoint of format version 2 by hand: the checksums computed here, not by nmflow.
+
+    ``header`` is the nmflow header without ``"stored"``; the tests use it to write doctored files that reach
+    the structural checks behind the checksums.
+    """
+    import json
+    import zlib
+
+    import safetensors.torch
+
+    def crc(tensor: torch.Tensor) -> int:
+        return zlib.crc32(bytes(tensor.reshape(-1).view(torch.uint8).tolist()))
+
+    stored = {
+        key: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "crc32": crc(t)}
+        for key, t in tensors.items()
+    }
+    text = json.dumps({**header, "stored": stored})
+    metadata = {"nmflow": text, "nmflow.crc32": str(zlib.crc32(text.encode()))}
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)

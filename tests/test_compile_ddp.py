@@ -2,6 +2,7 @@
 
 import copy
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ import nmflow
 
 IMAGE_SHAPE = (4, 3, 8, 8)
 CLASSES = 3
+# rendezvous and collectives give up after this (generous: compiling on 2 loaded cores), so a dead peer cannot hang
+PEER_TIMEOUT = timedelta(seconds=180)
 
 
 def image_batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +139,9 @@ def free_port() -> int:
 def ddp_worker(rank: int, port: int, method: str, out_dir: str) -> None:
     """One rank: train a sparsified model through every phase under DDP and save what the parent compares."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE, timeout=PEER_TIMEOUT
+    )
     try:
         torch.manual_seed(rank)  # different initial weights per rank: DDP must broadcast rank 0's
         model = TimmStyleViT(depth=1)

@@ -5,11 +5,13 @@ import math
 import os
 import struct
 import tempfile
+import zlib
 
 import pytest
 import safetensors.torch
 import torch
 import transformers
+from helpers import write_compressed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -140,7 +142,7 @@ def test_stored_blobs_match_a_hand_worked_example(tmp_path):
     assert tensors["w::nm.indices"].tolist() == [200, 196, 3]
     # dropped entries: row 0 positions 2 4 5 6 7 (5 is -0.0), row 1 positions 0 1 3 5 6 -> bit 2 set
     assert tensors["w::nm.zero_signs"].tolist() == [4, 0]
-    assert header["version"] == 1 and header["order"] == ["w"]
+    assert header["version"] == 2 and header["order"] == ["w"]
     assert header["tensors"]["w"] == {
         "n": 3,
         "m": 8,
@@ -150,6 +152,19 @@ def test_stored_blobs_match_a_hand_worked_example(tmp_path):
         "index_bits": 3,
         "zero_signs": True,
     }
+    # a CRC-32 per stored tensor over its bytes as written above, the header's own CRC-32 beside it
+    assert header["stored"] == {
+        "w::nm.values": {
+            "dtype": "float32",
+            "shape": [6],
+            "crc32": zlib.crc32(struct.pack("<6f", 1, -0.0, 2, -3, 4, 5)),
+        },
+        "w::nm.indices": {"dtype": "uint8", "shape": [3], "crc32": zlib.crc32(bytes([200, 196, 3]))},
+        "w::nm.zero_signs": {"dtype": "uint8", "shape": [2], "crc32": zlib.crc32(bytes([4, 0]))},
+    }
+    with safe_open(str(path), framework="pt") as reader:
+        metadata = reader.metadata()
+    assert metadata["nmflow.crc32"] == str(zlib.crc32(metadata["nmflow"].encode()))
 
 
 @settings(max_examples=40, deadline=None)
@@ -234,17 +249,19 @@ def test_garbage_and_truncated_files_are_named(tmp_path):
 
 
 def doctored(tmp_path, edit_header, edit_tensors=lambda tensors: None):
+    """A file edited on purpose, then checksummed again, so it reaches the checks behind the checksums."""
     tensors, header = stored(small_checkpoint(tmp_path))
+    del header["stored"]
     edit_header(header)
     edit_tensors(tensors)
     path = tmp_path / "doctored.safetensors"
-    safetensors.torch.save_file(tensors, str(path), metadata={"nmflow": json.dumps(header)})
+    write_compressed(path, tensors, header)
     return path
 
 
 def test_other_format_versions_are_refused(tmp_path):
-    path = doctored(tmp_path, lambda header: header.update(version=2))
-    with pytest.raises(nmflow.ConfigError, match=r"doctored\.safetensors.*version 2"):
+    path = doctored(tmp_path, lambda header: header.update(version=3))
+    with pytest.raises(nmflow.ConfigError, match=r"doctored\.safetensors.*version 3"):
         nmflow.load_compressed(path)
 
 
@@ -295,3 +312,55 @@ def test_a_failed_save_leaves_the_previous_file_and_no_leftovers(tmp_path, monke
     with pytest.raises(OSError, match="disk full"):
         nmflow.save_compressed({"w": torch.ones(4, 8)}, fresh)
     assert not fresh.exists()
+
+
+# ------------------------------------------------------------------ checksums (damage: tests/test_damage.py)
+def resigned(tmp_path, edit_metadata) -> os.PathLike:
+    """The small checkpoint with its metadata edited, the header's own CRC-32 recomputed unless the edit removes it."""
+    tensors, _ = stored(small_checkpoint(tmp_path))
+    with safe_open(str(tmp_path / "ckpt.safetensors"), framework="pt") as reader:
+        metadata = dict(reader.metadata())
+    edit_metadata(metadata)
+    if "nmflow.crc32" in metadata:
+        metadata["nmflow.crc32"] = str(zlib.crc32(metadata["nmflow"].encode()))
+    path = tmp_path / "edited.safetensors"
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def test_a_version_2_file_without_its_header_checksum_is_refused(tmp_path):
+    path = resigned(tmp_path, lambda metadata: metadata.pop("nmflow.crc32"))
+    with pytest.raises(nmflow.ConfigError, match=r"edited\.safetensors: a version 2 header without a checksum"):
+        nmflow.load_compressed(path)
+
+
+def test_a_stored_tensor_of_another_shape_than_recorded_is_refused(tmp_path):
+    def reshape_record(metadata):
+        header = json.loads(metadata["nmflow"])
+        header["stored"]["w::nm.values"]["shape"] = [15]  # 4 x 32 at 1:8 keeps 16
+        metadata["nmflow"] = json.dumps(header)
+
+    with pytest.raises(nmflow.ConfigError, match=r"'w::nm\.values' is .*'shape': \[16\].*recorded .*'shape': \[15\]"):
+        nmflow.load_compressed(resigned(tmp_path, reshape_record))
+
+
+def test_read_compressed_returns_the_checked_header_and_the_raw_parts(tmp_path):
+    path = small_checkpoint(tmp_path)
+    header, parts = nmflow.compressed.read_compressed(path)
+    raw, raw_header = stored(path)
+    assert header == raw_header and set(parts) == set(raw) == {
+        f"w::nm.{part}" for part in ("values", "indices", "zero_signs")
+    }
+    assert all(torch.equal(parts[key], raw[key]) for key in raw)
+
+
+def test_the_new_file_is_synced_before_it_replaces_the_old_and_the_rename_after(tmp_path, monkeypatch):
+    from nmflow import compressed
+
+    events, real_sync, real_replace = [], compressed._sync, os.replace
+    monkeypatch.setattr(compressed, "_sync", lambda path: events.append(("sync", path)) or real_sync(path))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", a)) or real_replace(a, b))
+    path = small_checkpoint(tmp_path)
+    temporary = events[0][1]
+    assert events == [("sync", temporary), ("replace", temporary), ("sync", str(tmp_path))]
+    assert os.path.dirname(temporary) == str(tmp_path) and not os.path.exists(temporary) and path.is_file()

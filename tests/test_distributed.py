@@ -6,7 +6,12 @@ SR-STE adds ``lambda * W`` to each rank's gradient before the average; W is iden
 average still adds exactly ``lambda * W`` once.
 """
 
+import os
+import re
+import signal
 import socket
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -29,6 +34,8 @@ GLOBAL_BATCH = 8
 SPARSITY = {"ff": "1:4", "qk": "2:4"}
 TARGETS = tuple(f"blocks.{i}.{layer}" for i in range(2) for layer in ("attn.qkv", "mlp.fc1", "mlp.fc2"))
 TOLERANCE = {"rtol": 1e-6, "atol": 1e-6}
+# every rendezvous and collective gives up after this, so a dead or stuck peer fails a test instead of hanging it
+PEER_TIMEOUT = timedelta(seconds=60)
 
 
 def free_port() -> int:
@@ -119,7 +126,9 @@ def assert_same_masks(masks: dict[str, list[torch.Tensor]], expected: dict[str, 
 # ------------------------------------------------------------------ DDP
 def ddp_worker(rank: int, port: int, method: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE, timeout=PEER_TIMEOUT
+    )
     try:
         model, sp = build(method)
         masks = record_forward_masks(sp)
@@ -155,7 +164,9 @@ def test_two_ddp_ranks_on_half_batches_match_one_process_on_whole_batches(method
 def fsdp_worker(rank: int, port: int, method: str, out_dir: str) -> None:
     """Sparsify first, then shard every block and the root (FSDP2 shards dim 0: whole rows, whole groups)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE, timeout=PEER_TIMEOUT
+    )
     try:
         mesh = init_device_mesh("cpu", (WORLD_SIZE,))
         model, sp = build(method)
@@ -233,7 +244,9 @@ def fsdp_gpt2_worker(rank: int, port: int, method: str, out_dir: str) -> None:
     """FSDP2 shards dim 0, which is the *input* dimension of a Conv1D weight: the N:M groups are split across
     ranks, so the mask must come from the gathered weight in the forward pass, never from a shard."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE, timeout=PEER_TIMEOUT
+    )
     try:
         mesh = init_device_mesh("cpu", (WORLD_SIZE,))
         model, sp = build_gpt2(method)
@@ -269,7 +282,9 @@ def test_fsdp2_on_gpt2_conv1d_weights_sharded_across_groups_matches_one_process(
 
 
 def sparsify_after_shard_worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=1, timeout=PEER_TIMEOUT
+    )
     try:
         torch.manual_seed(0)
         model = TimmStyleViT(depth=1)
@@ -295,7 +310,9 @@ def test_sparsify_after_fully_shard_is_refused_with_a_clear_error(tmp_path):
 def sharded_guard_worker(rank: int, port: int, method: str, out_dir: str) -> None:
     """A NaN in one rank's shard must stop every rank; finalize() must refuse sharded weights."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE, timeout=PEER_TIMEOUT
+    )
     try:
         model, sp = build(method)
         fully_shard(model, mesh=init_device_mesh("cpu", (WORLD_SIZE,)))
@@ -325,3 +342,56 @@ def test_fsdp2_nan_in_one_shard_stops_every_rank_and_sharded_finalize_is_refused
     for record in spawn(sharded_guard_worker, "mdgf-exp", tmp_path):
         assert "blocks.0.mlp.fc1" in record["step"] and record["step_count"] == 4
         assert "gather a full state dict" in record["finalize"]
+
+
+# ------------------------------------------------------------------ a dead or stuck peer
+SHORT_TIMEOUT = timedelta(seconds=5)
+
+
+def abandoned_worker(rank: int, port: int, fate: str, out_dir: str) -> None:
+    """Rank 1 never joins, or dies (SIGKILL) or hangs at step 3; rank 0 records how it fails."""
+    torch.set_num_threads(1)
+    if rank == 1 and fate == "absent":
+        return
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE, timeout=SHORT_TIMEOUT
+        )
+        model, sp = build("mdgf-exp")
+        ddp = DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step, (images, labels) in enumerate(global_batches()):
+            if rank == 1 and step == 3:
+                if fate == "killed":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(3600)  # stuck: alive, holding its connections, never at the next all-reduce
+            F.cross_entropy(ddp(images[:4]), labels[:4]).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            sp.step()
+        outcome = "finished"
+    except Exception as err:  # whatever torch.distributed raises: the test checks it says what happened
+        outcome = f"{type(err).__name__}: {err}"
+    Path(out_dir, f"rank{rank}.txt").write_text(outcome)
+
+
+FATES = {  # what rank 1 does -> what rank 0's error must say
+    "absent": "1/2 clients joined",
+    "killed": "Connection reset by peer|Connection closed by peer",
+    "stuck": "Timed out waiting 5000ms",
+}
+
+
+@pytest.mark.parametrize("fate", FATES)
+def test_a_missing_dead_or_stuck_peer_fails_the_other_rank_with_a_clear_error(fate, tmp_path):
+    context = mp.start_processes(
+        abandoned_worker, args=(free_port(), fate, str(tmp_path)), nprocs=WORLD_SIZE, join=False
+    )
+    try:
+        context.processes[0].join(timeout=120)  # far beyond the 5 s timeout: only a hang gets this far
+        assert context.processes[0].exitcode == 0, f"rank 0 hung or crashed (exit code {context.processes[0].exitcode})"
+    finally:
+        for process in context.processes:
+            process.kill()
+    outcome = (tmp_path / "rank0.txt").read_text()
+    assert re.search(FATES[fate], outcome), outcome

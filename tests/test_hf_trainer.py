@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -250,11 +251,19 @@ def test_example_script_runs(tmp_path):
 # ---------------------------------------------------------------------- several processes under Accelerate
 def _accelerate_worker(output_dir: str) -> None:
     """One process of `accelerate.debug_launcher` (what `accelerate launch --num_processes 2 --cpu` sets up)."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
     torch.set_num_threads(1)
+    # the process group gives up after 60 s, so a dead peer fails the test instead of hanging it; debug_launcher
+    # creates the group without a timeout (gloo's default: 30 min) and Accelerate passes none on CPU, so set it here
+    _set_pg_timeout(timedelta(seconds=60))
     trainer, callback, weights = train("srste", output_dir, save_strategy="no")
     rank = trainer.args.process_index
     logs = [(entry["step"], entry["nmflow/D"]) for entry in nmflow_logs(trainer)]
+    group = torch.distributed.distributed_c10d._get_default_group()
+    timeout = group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
     record = {"world": trainer.args.world_size, "steps": callback.sparsifier.step_count, "logs": logs, **weights}
+    record["timeout"] = timeout
     torch.save(record, Path(output_dir) / f"rank{rank}.pt")
 
 
@@ -264,6 +273,7 @@ def test_trainer_under_accelerate_with_two_processes_keeps_ranks_identical(tmp_p
     debug_launcher(_accelerate_worker, args=(str(tmp_path),), num_processes=2)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]  # really two data-parallel processes
+    assert [r.pop("timeout") for r in ranks] == [60.0, 60.0]  # a dead peer cannot hang the test
     assert [r["steps"] for r in ranks] == [TOTAL, TOTAL]
     for name, tensor in ranks[0].items():
         if isinstance(tensor, torch.Tensor):

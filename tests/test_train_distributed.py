@@ -113,3 +113,45 @@ def test_a_global_batch_the_processes_cannot_share_equally_is_refused(tmp_path, 
     with pytest.raises(ConfigError, match=r"batch_size 15 must be divisible by the number of processes \(2\)"):
         train(TrainConfig(steps=10, batch_size=15, out=str(out)), verbose=False)
     assert not out.exists()
+
+
+def peer_worker(rank: int, port: int, fate: str, out_dir: str) -> None:
+    """A rank of a 2-process launch inside `nmflow train`'s process group; rank 1 dies or never joins."""
+    from nmflow.app.ranks import Ranks, process_group
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": "2"})
+    if rank == 1 and fate == "absent":
+        return
+    try:
+        with process_group(Ranks(rank, 2, rank), "cpu"):
+            for step in range(5):
+                if rank == 1 and step == 2:
+                    os._exit(0)  # dies between two all-reduces, like a killed process
+                torch.distributed.all_reduce(torch.ones(3))
+        outcome = "finished"
+    except Exception as err:
+        outcome = f"{type(err).__name__}: {err}"
+    Path(out_dir, f"rank{rank}.txt").write_text(outcome)
+
+
+@pytest.mark.parametrize(
+    ("fate", "message"),
+    [
+        ("killed", "PeerError: rank 0 of 2: no answer from another process of the run (Read error"),
+        ("absent", "PeerError: rank 0 of 2: the processes of the run did not all join"),
+    ],
+)
+def test_a_train_process_whose_peer_died_fails_with_a_clear_error(fate, message, tmp_path, monkeypatch):
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("NMFLOW_PROCESS_GROUP_TIMEOUT", "5")  # read by the spawned processes when they import nmflow
+    context = mp.start_processes(peer_worker, args=(free_port(), fate, str(tmp_path)), nprocs=2, join=False)
+    try:
+        context.processes[0].join(timeout=120)  # far beyond the 5 s timeout: only a hang gets this far
+        assert context.processes[0].exitcode == 0, f"rank 0 hung or crashed (exit code {context.processes[0].exitcode})"
+    finally:
+        for process in context.processes:
+            process.kill()
+    outcome = (tmp_path / "rank0.txt").read_text()
+    assert outcome.startswith(message), outcome
+    assert "--resume" in outcome or fate == "absent"

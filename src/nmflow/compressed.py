@@ -1,9 +1,16 @@
 """A lossless compressed checkpoint for N:M-sparse weights: kept values plus bit-packed in-group indices.
 
-Format (one safetensors file, version 1). The metadata entry ``"nmflow"`` holds a JSON header::
+Format (one safetensors file, version 2). The metadata entry ``"nmflow"`` holds a JSON header::
 
-    {"format": "nmflow-nm", "version": 1, "order": [every state_dict key, in order],
-     "tensors": {name: {"n", "m", "dim", "shape", "dtype", "index_bits", "zero_signs"}}}
+    {"format": "nmflow-nm", "version": 2, "order": [every state_dict key, in order],
+     "tensors": {name: {"n", "m", "dim", "shape", "dtype", "index_bits", "zero_signs"}},
+     "stored": {every stored key: {"dtype", "shape", "crc32"}}}
+
+and the metadata entry ``"nmflow.crc32"`` the CRC-32 of that header's UTF-8 text, so every byte of the file is
+covered: the header by its own checksum, each stored tensor's bytes (packing padding included) by its
+``crc32``, and the safetensors header's dtypes, shapes and offsets by the recorded ``dtype``/``shape`` and the
+checksums of the bytes they point at. Version 1 had no ``"stored"`` and no header checksum; it still loads,
+with a warning that it is unchecked.
 
 A tensor listed in ``"tensors"`` is stored as three parts (grouping along ``dim``, its input dimension):
 
@@ -24,16 +31,23 @@ import json
 import math
 import os
 import tempfile
+import warnings
+import zlib
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from nmflow.core.checksums import crc32_of
 from nmflow.core.errors import ConfigError
 from nmflow.core.layouts import weight_input_dims
 
 FORMAT = "nmflow-nm"
-VERSION = 1
+VERSION = 2
+_UNCHECKED_VERSION = 1  # read, with a warning: it carries no checksums
+_HEADER, _HEADER_CRC = "nmflow", "nmflow.crc32"
 _VALUES, _INDICES, _SIGNS = "::nm.values", "::nm.indices", "::nm.zero_signs"
 _CANDIDATE_M = tuple(2**k for k in range(1, 12))  # 2 .. 2048
 _DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in (torch.float64, torch.float32, torch.float16)}
@@ -135,8 +149,19 @@ def _encode(tensor: torch.Tensor, n: int, m: int, dim: int) -> tuple[dict[str, t
     return parts, header
 
 
-def _decode(name: str, info: dict, parts: dict[str, torch.Tensor | None], where: str) -> torch.Tensor:
-    """Rebuild one tensor, checking every part against the header first."""
+class _Entry(NamedTuple):
+    """One compressed tensor's header entry, checked against its stored parts."""
+
+    n: int
+    m: int
+    dim: int
+    shape: list[int]
+    dtype: torch.dtype
+    bits: int
+
+
+def _check_entry(name: str, info: object, parts: dict[str, torch.Tensor | None], where: str) -> _Entry:
+    """Check a header entry and the dtype and shape of every stored part against it (indices are not unpacked)."""
 
     def bad(problem: str) -> ConfigError:
         return ConfigError(f"{where}: tensor {name!r}: {problem}")
@@ -169,9 +194,18 @@ def _decode(name: str, info: dict, parts: dict[str, torch.Tensor | None], where:
         raise bad(
             f"zero-sign blob is {signs.dtype} {tuple(signs.shape)}, expected uint8 ({_packed_bytes(numel - kept, 1)},)"
         )
+    return _Entry(n, m, dim, shape, dtype, bits)
+
+
+def _decode(name: str, info: dict, parts: dict[str, torch.Tensor | None], where: str) -> torch.Tensor:
+    """Rebuild one tensor, checking every part against the header and every index against M first."""
+    n, m, dim, shape, dtype, bits = _check_entry(name, info, parts, where)
+    numel = math.prod(shape)
+    kept = numel // m * n
+    values, packed, signs = parts[_VALUES], parts[_INDICES], parts[_SIGNS]
     positions = unpack_bits(packed, bits, kept).reshape(-1, n)
     if kept and (int(positions.max()) >= m or bool((positions.diff(dim=-1) <= 0).any())):
-        raise bad("index blob holds positions out of range or out of order (corrupted file)")
+        raise ConfigError(f"{where}: tensor {name!r}: index blob holds positions out of range or out of order")
 
     moved_shape = [*shape[:dim], *shape[dim + 1 :], shape[dim]]
     groups = torch.zeros(numel // m, m, dtype=dtype)
@@ -230,7 +264,10 @@ def save_compressed(
         parts, header[name] = _encode(value, n, m, dim % value.dim())
         tensors.update({name + suffix: part for suffix, part in parts.items()})
         chosen[name] = f"{n}:{m}"
-    metadata = {"nmflow": json.dumps({"format": FORMAT, "version": VERSION, "order": list(state), "tensors": header})}
+    text = json.dumps(
+        {"format": FORMAT, "version": VERSION, "order": list(state), "tensors": header, "stored": _describe(tensors)}
+    )
+    metadata = {_HEADER: text, _HEADER_CRC: str(zlib.crc32(text.encode()))}
 
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -238,15 +275,106 @@ def save_compressed(
     os.close(handle)
     try:
         save_file(tensors, temporary, metadata=metadata)
+        _sync(temporary)  # on disk before the rename, so a crash leaves the old file or the whole new one
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
         raise
+    if os.name == "posix":
+        _sync(folder)  # the rename itself
     return chosen
 
 
-def load_compressed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a checkpoint written by :func:`save_compressed`: a plain state dict, bitwise equal to the original."""
+def _sync(path: str) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+# ------------------------------------------------------------------ checksums
+def _describe(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict]:
+    """``{key: {"dtype", "shape", "crc32"}}`` of every stored tensor, the biggest checksummed first."""
+    keys = sorted(tensors, key=lambda key: -tensors[key].numel() * tensors[key].element_size())
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        checksums = dict(zip(keys, pool.map(lambda key: crc32_of(tensors[key]), keys)))
+    return {
+        key: {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape), "crc32": checksums[key]}
+        for key, tensor in tensors.items()
+    }
+
+
+def _parse_header(path: str, metadata: Mapping[str, str]) -> dict:
+    """The nmflow header, its own checksum verified before it is parsed; warns for an unchecked version-1 file."""
+    text, recorded = metadata.get(_HEADER), metadata.get(_HEADER_CRC)
+    if text is None:
+        raise ConfigError(f"{path}: not an nmflow compressed checkpoint (no 'nmflow' header)")
+    if recorded is not None and recorded != str(zlib.crc32(text.encode())):
+        raise ConfigError(f"{path}: the nmflow header is corrupted (its CRC-32 differs from the recorded one)")
+    try:
+        header = json.loads(text)
+        version, order, infos = header["version"], header["order"], header["tensors"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: the nmflow header is not valid ({exc!r})") from None
+    if header.get("format") != FORMAT or type(version) is not int or version not in (VERSION, _UNCHECKED_VERSION):
+        raise ConfigError(
+            f"{path}: format {header.get('format')!r} version {version!r}; "
+            f"this nmflow reads {FORMAT!r} versions {_UNCHECKED_VERSION} and {VERSION}"
+        )
+    if (version == VERSION) != (recorded is not None):
+        raise ConfigError(f"{path}: a version {version} header {'without' if recorded is None else 'with'} a checksum")
+    if not (isinstance(order, list) and all(isinstance(k, str) for k in order) and isinstance(infos, dict)):
+        raise ConfigError(f"{path}: the nmflow header's tensor list is not valid")
+    if not set(infos) <= set(order):
+        raise ConfigError(f"{path}: the nmflow header's tensor list is not valid")
+    if version == _UNCHECKED_VERSION:
+        warnings.warn(
+            f"{path}: compressed checkpoint format version 1 carries no checksums, so damage to its values or "
+            "indices cannot be detected; loading it unchecked (save it again to write version 2)",
+            stacklevel=3,
+        )
+    return header
+
+
+def _check_stored(path: str, header: dict, stored: dict[str, torch.Tensor]) -> None:
+    """Every stored tensor is one the header expects; in version 2, with the recorded dtype, shape and CRC-32."""
+    order, infos = header["order"], header["tensors"]
+    expected_keys = {name for name in order if name not in infos}
+    for name, info in infos.items():
+        expected_keys |= {name + _VALUES, name + _INDICES}
+        if isinstance(info, dict) and info.get("zero_signs"):
+            expected_keys.add(name + _SIGNS)
+    if expected_keys != set(stored):
+        missing, extra = sorted(expected_keys - set(stored)), sorted(set(stored) - expected_keys)
+        raise ConfigError(f"{path}: stored tensors do not match the header (missing {missing}, unexpected {extra})")
+    if header["version"] == _UNCHECKED_VERSION:
+        return
+    recorded = header.get("stored")
+    if not (isinstance(recorded, dict) and set(recorded) == set(stored)):
+        raise ConfigError(f"{path}: the header's checksum list does not match the stored tensors")
+    for key, found in _describe(stored).items():
+        expected = recorded[key]
+        if found == expected:
+            continue
+        layout = {"dtype": found["dtype"], "shape": found["shape"]}
+        if isinstance(expected, dict) and layout == {k: expected.get(k) for k in layout}:
+            raise ConfigError(f"{path}: stored tensor {key!r} is corrupted (its CRC-32 differs from the recorded one)")
+        raise ConfigError(f"{path}: stored tensor {key!r} is {layout}, the header recorded {expected}")
+
+
+def read_compressed(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The parsed JSON header and the raw stored tensors of a checkpoint, after every check.
+
+    Checked: the file is safetensors, the header's own CRC-32, the format and version, that the stored keys are
+    exactly those the header implies, each stored tensor's dtype, shape and CRC-32 (version 2), and each
+    compressed entry against its parts' dtypes and shapes. Not checked here: that the unpacked in-group indices
+    are in range and ascending (:func:`load_compressed` does that as it decodes; in a version-2 file the CRC-32
+    already vouches that they are the bytes :func:`save_compressed` wrote). Raises :class:`ConfigError` naming
+    the file and the tensor; a version-1 file (no checksums) loads with a warning. As with safetensors'
+    ``load_file``, the tensors are views of the file's memory map: copy them before overwriting the file in
+    place (``save_compressed`` replaces it, which leaves them intact).
+    """
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -258,30 +386,23 @@ def load_compressed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             stored = {key: reader.get_tensor(key) for key in reader.keys()}  # noqa: SIM118 (not a dict)
     except Exception as exc:  # safetensors raises its own error types (and OSError) for broken files
         raise ConfigError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
-    if "nmflow" not in metadata:
-        raise ConfigError(f"{path}: not an nmflow compressed checkpoint (no 'nmflow' header)")
-    try:
-        header = json.loads(metadata["nmflow"])
-        version, order, infos = header["version"], header["order"], header["tensors"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path}: the nmflow header is not valid ({exc!r})") from None
-    if header.get("format") != FORMAT or version != VERSION:
-        raise ConfigError(
-            f"{path}: format {header.get('format')!r} version {version!r}; "
-            f"this nmflow reads {FORMAT!r} version {VERSION}"
-        )
-    if not (isinstance(order, list) and isinstance(infos, dict) and set(infos) <= set(order)):
-        raise ConfigError(f"{path}: the nmflow header's tensor list is not valid")
-    expected_keys = {name for name in order if name not in infos}
-    for name, info in infos.items():
-        expected_keys |= {name + _VALUES, name + _INDICES}
-        if isinstance(info, dict) and info.get("zero_signs"):
-            expected_keys.add(name + _SIGNS)
-    if expected_keys != set(stored):
-        missing, extra = sorted(expected_keys - set(stored)), sorted(set(stored) - expected_keys)
-        raise ConfigError(f"{path}: stored tensors do not match the header (missing {missing}, unexpected {extra})")
+    header = _parse_header(path, metadata)
+    _check_stored(path, header, stored)
+    for name, info in header["tensors"].items():
+        _check_entry(name, info, {suffix: stored.get(name + suffix) for suffix in (_VALUES, _INDICES, _SIGNS)}, path)
+    return header, stored
+
+
+def load_compressed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint written by :func:`save_compressed`: a plain state dict, bitwise equal to the original.
+
+    Everything is checked (see :func:`read_compressed`) before anything is returned. Tensors stored dense are
+    views of the file's memory map, as with safetensors' ``load_file``.
+    """
+    header, stored = read_compressed(path)
+    path, infos = os.fspath(path), header["tensors"]
     result = {}
-    for name in order:
+    for name in header["order"]:
         if name in infos:
             parts = {suffix: stored.get(name + suffix) for suffix in (_VALUES, _INDICES, _SIGNS)}
             result[name] = _decode(name, infos[name], parts, path)

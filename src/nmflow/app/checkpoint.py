@@ -249,7 +249,10 @@ def resume_from_checkpoint(
     saved, current = dict(checkpoint.state["config"]), config.resolved(out)
     changed = sorted(k for k in set(saved) | set(current) if k not in _UNCOMPARED and saved.get(k) != current.get(k))
     if changed:
-        raise CheckpointError(f"checkpoint file {state_file} belongs to another config: {', '.join(changed)} differ")
+        raise CheckpointError(
+            f"{out / 'config.yaml'} differs from the config its checkpoint {state_file} was saved with: "
+            f"{', '.join(changed)}"
+        )
     metrics_path, metrics_bytes = out / "metrics.jsonl", checkpoint.state["metrics_bytes"]
     if not metrics_path.is_file() or metrics_path.stat().st_size < metrics_bytes:
         raise CheckpointError(

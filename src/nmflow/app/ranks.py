@@ -17,10 +17,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from nmflow.core.errors import ConfigError
+from nmflow.core.errors import ConfigError, NmflowError
 
 __all__ = [
     "PROCESS_GROUP_TIMEOUT",
+    "PeerError",
     "Ranks",
     "distributed",
     "global_mean",
@@ -86,15 +87,45 @@ def process_group(ranks: Ranks, device_name: str) -> Iterator[torch.device]:
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
     owned = not dist.is_initialized()
+    where = f"rank {ranks.rank} of {ranks.world_size}"
     if owned:
         backend = "nccl" if device.type == "cuda" else "gloo"
         cuda = device if device.type == "cuda" else None
-        dist.init_process_group(backend, device_id=cuda, timeout=PROCESS_GROUP_TIMEOUT)
+        try:
+            dist.init_process_group(backend, device_id=cuda, timeout=PROCESS_GROUP_TIMEOUT)
+        except dist.DistError as err:
+            raise PeerError(
+                f"{where}: the processes of the run did not all join ({_first_line(err)}); check --nproc_per_node, "
+                "--nnodes, MASTER_ADDR and MASTER_PORT"
+            ) from err
     try:
         yield device
+    except RuntimeError as err:
+        if not _from_collective(err):
+            raise
+        raise PeerError(
+            f"{where}: no answer from another process of the run ({_first_line(err)}): it died or stalled (see its "
+            f"output) or {PROCESS_GROUP_TIMEOUT.total_seconds():.0f} s passed; continue from the newest checkpoint "
+            "with nmflow train --resume OUT"
+        ) from err
     finally:
         if owned:
             dist.destroy_process_group()
+
+
+class PeerError(NmflowError, RuntimeError):
+    """Another process of a torchrun launch died, stalled or never joined."""
+
+
+def _from_collective(err: RuntimeError) -> bool:
+    """Whether ``err`` is a failed collective: gloo and NCCL raise plain RuntimeErrors that name themselves."""
+    text = str(err)
+    return isinstance(err, dist.DistError) or "gloo" in text or "NCCL" in text
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0].split("] ", 1)[-1] if lines else type(err).__name__  # gloo prefixes its source file
 
 
 def shared_choice(ranks: Ranks, choose: Callable[[], Path]) -> Path:

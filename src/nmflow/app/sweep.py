@@ -91,8 +91,11 @@ def plan_sweep(spec: Mapping[str, Any]) -> list[SweepRun]:
 
     runs: list[SweepRun] = []
     for label, settings in tasks.items():
-        settings = dict(settings or {})
         where = f"tasks.{label}"
+        if settings is not None and not isinstance(settings, Mapping):
+            problems.append(f"{where}: must map nmflow train keys to values, e.g. {{steps: 1000}}, not {settings!r}")
+            continue
+        settings = dict(settings or {})
         bad_keys = sorted(set(settings) - set(TASK_KEYS) - train_keys)
         problems += [f"{where}: {_key_problem(k, train_keys | set(TASK_KEYS))}" for k in bad_keys]
         task = settings.pop("task", label)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from nmflow.core.checksums import state_checksum as _checksum
 from nmflow.core.errors import ConfigError, FinalizedError, NmflowError, NonFiniteWeightError, is_whole_number
 from nmflow.core.masks import NMPattern, realized_n
 from nmflow.core.parametrization import NMParametrization
@@ -249,13 +250,14 @@ class Sparsifier:
                 mask = self._parametrization(t).fixed_mask
                 if mask is not None:
                     fixed[t.qualified_name] = mask.detach().clone().cpu()
-        return {
+        state = {
             "version": _STATE_VERSION,
             "step": self._step,
             "total_steps": self.total_steps,
             "recipe": self.recipe.to_dict(),
             "fixed_masks": fixed,
         }
+        return {**state, "checksum": _checksum(state)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``; checks it belongs to the same recipe and run length. Never mutates ``state``."""
@@ -266,6 +268,8 @@ class Sparsifier:
             raise ConfigError(f"sparsifier state lacks {sorted(missing)}; was it saved by Sparsifier.state_dict()?")
         if state["version"] not in (1, _STATE_VERSION):
             raise ConfigError(f"sparsifier state has version {state['version']}, this nmflow reads 1 and 2")
+        if "checksum" in state and state["version"] == _STATE_VERSION and state["checksum"] != _checksum(state):
+            raise ConfigError("sparsifier state is damaged: its checksum differs from the one state_dict() wrote")
         saved = _saved_recipe(state)
         if state["total_steps"] != self.total_steps or saved != self.recipe:
             raise ConfigError(

@@ -151,6 +151,7 @@ class NMSparsityCallback(TrainerCallback):
             return
         rebuilt = sp.state_dict()
         rebuilt["step"] = state.global_step
+        del rebuilt["checksum"]  # an edited state: its checksum would (rightly) refuse it
         lost = "the schedule is a function of the step, so nothing else was lost"
         if self.recipe.spec.fixed_mask and sp.schedule.phase(state.global_step) is not Phase.DENSE:
             lost = "the one-shot masks are lost and recomputed from the resumed weights"
