@@ -14,6 +14,7 @@ from nmflow.core.masks import NMPattern, is_nm, nm_mask, realized_n
 from nmflow.core.recipes import METHODS, ROLES, Recipe
 from nmflow.core.schedules import Phase
 from nmflow.core.sparsifier import Sparsifier, SparsityStatus, sparsify
+from nmflow.deploy import NMLinear, deploy, undeploy
 
 __version__ = "0.2.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "ROLES",
     "ConfigError",
     "FinalizedError",
+    "NMLinear",
     "NMPattern",
     "NmflowError",
     "NoMatchingTargetError",
@@ -36,10 +38,12 @@ __all__ = [
     "Sparsifier",
     "SparsityStatus",
     "__version__",
+    "deploy",
     "is_nm",
     "load_compressed",
     "nm_mask",
     "realized_n",
     "save_compressed",
     "sparsify",
+    "undeploy",
 ]

@@ -263,6 +263,23 @@ def save_compressed(
 
 def load_compressed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint written by :func:`save_compressed`: a plain state dict, bitwise equal to the original."""
+    header, stored = read_compressed(path)
+    order, infos = header["order"], header["tensors"]
+    result = {}
+    for name in order:
+        if name in infos:
+            parts = {suffix: stored.get(name + suffix) for suffix in (_VALUES, _INDICES, _SIGNS)}
+            result[name] = _decode(name, infos[name], parts, os.fspath(path))
+        else:
+            result[name] = stored[name]
+    return result
+
+
+def read_compressed(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The parsed JSON header and the raw stored tensors of a compressed checkpoint, after checking that they match.
+
+    For readers that use the compressed parts as they are (``nmflow.deploy``); :func:`load_compressed` decodes them.
+    """
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -296,11 +313,4 @@ def load_compressed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if expected_keys != set(stored):
         missing, extra = sorted(expected_keys - set(stored)), sorted(set(stored) - expected_keys)
         raise ConfigError(f"{path}: stored tensors do not match the header (missing {missing}, unexpected {extra})")
-    result = {}
-    for name in order:
-        if name in infos:
-            parts = {suffix: stored.get(name + suffix) for suffix in (_VALUES, _INDICES, _SIGNS)}
-            result[name] = _decode(name, infos[name], parts, path)
-        else:
-            result[name] = stored[name]
-    return result
+    return header, stored

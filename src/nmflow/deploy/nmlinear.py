@@ -1,0 +1,141 @@
+"""``NMLinear``: an inference layer that holds an N:M weight as nmflow's compressed format stores it.
+
+Parameters and buffers are exactly the checkpoint's parts (see :mod:`nmflow.compressed`), in ``nn.Linear``'s
+layout ``[out, in]`` with groups of ``m`` along the input: ``values`` ``[out, in/m*n]`` (kept values, ascending
+in-group position; a parameter, so ``model.to(dtype)`` and HF's ``model.dtype`` see it), ``indices`` (in-group
+positions, ``ceil(log2 m)`` bits each, packed into uint8), ``zero_signs`` (only for a weight that had dropped
+``-0.0`` entries, so that :meth:`to_dense_module` gives the weight back bitwise) and ``bias``. So a deployed layer
+takes the bytes its compressed checkpoint takes. How the product is computed is the backend's business.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from nmflow import compressed
+from nmflow.deploy import kernel
+
+__all__ = ["NMLinear", "is_conv1d"]
+
+_VALUES, _INDICES, _SIGNS = compressed._VALUES, compressed._INDICES, compressed._SIGNS
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """HF's ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` ``[in, out]``."""
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+class NMLinear(nn.Module):
+    """``y = x W^T + b`` for an N:M ``W``; built by ``nmflow.deploy``, turned back by ``nmflow.undeploy``.
+
+    ``backend`` is ``"auto"`` (measure and pick per dtype and batch-size bucket, see :mod:`nmflow.deploy.dispatch`)
+    or the name of a backend in :data:`nmflow.deploy.backends.BACKENDS`. ``choices`` holds auto's decisions,
+    ``{(dtype, device type, bucket): backend}``; set an entry to override one.
+    """
+
+    def __init__(
+        self,
+        parts: dict[str, torch.Tensor],
+        info: dict,
+        bias: torch.Tensor | None,
+        *,
+        source: type[nn.Module] = nn.Linear,
+        requires_grad: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.n, self.m, self.bits = int(info["n"]), int(info["m"]), int(info["index_bits"])
+        shape = info["shape"]  # the checkpoint's shape: [out, in] for a Linear, [in, out] for a Conv1D
+        self.in_features, self.out_features = (shape[0], shape[1]) if info["dim"] == 0 else (shape[1], shape[0])
+        kept = self.in_features // self.m * self.n
+        self.values = nn.Parameter(parts[_VALUES].reshape(self.out_features, kept), requires_grad=False)
+        self.register_buffer("indices", parts[_INDICES])
+        self.register_buffer("zero_signs", parts.get(_SIGNS))
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.source, self.requires_grad, self.backend = source, requires_grad, backend
+        self.choices: dict[tuple[torch.dtype, str, int], str] = {}
+        self._prepared: dict[str, Any] = {}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out_features, in_features)`` of the weight this layer computes with."""
+        return (self.out_features, self.in_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.n}:{self.m}, "
+            f"bias={self.bias is not None}, backend={self.backend!r}"
+        )
+
+    def _apply(self, fn: Any, recurse: bool = True) -> NMLinear:
+        self._prepared.clear()  # derived copies follow the parts' dtype and device; rebuild on next use
+        return super()._apply(fn, recurse)
+
+    def nbytes(self) -> int:
+        """Bytes of the parameters and buffers (what the compressed checkpoint stores for this layer)."""
+        tensors = [self.values, self.indices, self.zero_signs, self.bias]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def prepared(self, backend: Any) -> Any:
+        """The backend's derived tensors for this layer, built on first use."""
+        if backend.name not in self._prepared:
+            self._prepared[backend.name] = backend.prepare(self)
+        return self._prepared[backend.name]
+
+    # ------------------------------------------------------------------ the dense weight, when someone needs it
+    def columns(self) -> torch.Tensor:
+        """The input column of every kept value, int64 ``[out, in/m*n]``."""
+        kept = self.values.shape[1]
+        positions = compressed.unpack_bits(self.indices, self.bits, self.values.numel()).reshape(-1, kept)
+        group_start = torch.arange(kept, device=positions.device) // self.n * self.m
+        return positions + group_start
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """The ``[out, in]`` weight with ``+0.0`` where entries were dropped."""
+        on_cpu = self.values.device.type == "cpu" and self.values.dtype in (
+            torch.float32,
+            torch.bfloat16,
+            torch.float16,
+        )
+        if on_cpu and kernel.available():
+            return kernel.densify(self.values, self.indices, self.n, self.m, self.bits)
+        dense = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
+        return dense.scatter_(1, self.columns(), self.values)
+
+    @torch.no_grad()
+    def to_dense_module(self) -> nn.Module:
+        """The ``nn.Linear`` / ``Conv1D`` this layer was made from, bitwise (dropped ``-0.0`` signs included)."""
+        info = {"n": self.n, "m": self.m, "dim": 1, "shape": list(self.shape), "index_bits": self.bits}
+        info |= {"dtype": str(self.values.dtype).removeprefix("torch."), "zero_signs": self.zero_signs is not None}
+        parts = {_VALUES: self.values.detach().reshape(-1), _INDICES: self.indices, _SIGNS: self.zero_signs}
+        weight = compressed._decode("weight", info, parts, "NMLinear")
+        conv1d = self.source is not nn.Linear
+        with torch.device("meta"):
+            if conv1d:
+                module = self.source(self.out_features, self.in_features)
+            else:
+                module = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        weight = weight.t().contiguous() if conv1d else weight
+        module.weight = nn.Parameter(weight.to(self.values.device), requires_grad=self.requires_grad)
+        if self.bias is not None:
+            module.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.requires_grad)
+        return module
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from nmflow.deploy import dispatch
+
+        if x.shape[-1] != self.in_features:
+            raise RuntimeError(f"NMLinear: input has {x.shape[-1]} features, the layer takes {self.in_features}")
+        if x.dtype != self.values.dtype:
+            raise RuntimeError(f"NMLinear: input is {x.dtype}, the layer's values are {self.values.dtype}")
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] == 0:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        backend = dispatch.backend_for(self, rows)
+        y = backend.forward(self, rows.contiguous(), self.prepared(backend))
+        return y.reshape(*x.shape[:-1], self.out_features)
