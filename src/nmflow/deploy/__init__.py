@@ -102,12 +102,12 @@ def deploy(
         planned, loaded = plan_from_weights(modules, layers), {}
     else:
         planned, loaded = plan_from_checkpoint(model, modules, checkpoint)
-    if not planned:
-        raise ConfigError("no nn.Linear/Conv1D weight of the model is N:M; finalize() a sparsified model first")
     if layers is not None:
         dense = sorted(set(layers) - {p.name for p in planned})
         if dense:
             raise ConfigError(f"{dense[0]}.weight is not N:M along its input dimension (not exact)")
+    if not planned:
+        raise ConfigError("no nn.Linear/Conv1D weight of the model is N:M; finalize() a sparsified model first")
 
     if loaded:
         model.load_state_dict(loaded, strict=False, assign=True)

@@ -8,6 +8,7 @@ Callers only go through :data:`BACKENDS`, so a new backend (a Triton kernel, say
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -88,7 +89,10 @@ class CSR(Backend):
     def prepare(self, layer: NMLinear) -> torch.Tensor:
         columns = layer.columns()
         rows = torch.arange(0, columns.numel() + 1, columns.shape[1], device=columns.device)
-        return torch.sparse_csr_tensor(rows, columns.reshape(-1), layer.values.detach().reshape(-1), layer.shape)
+        values = layer.values.detach().reshape(-1)
+        with warnings.catch_warnings():  # "CSR support is in beta": said on every build, nothing to act on
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(rows, columns.reshape(-1), values, layer.shape, check_invariants=False)
 
     def forward(self, layer: NMLinear, x: torch.Tensor, prepared: torch.Tensor) -> torch.Tensor:
         y = (prepared @ x.t()).t()

@@ -67,6 +67,12 @@ def plan_from_checkpoint(
             f"{path} is not a checkpoint of this model: it lacks {missing[:3]} and has {extra[:3]} "
             f"({len(missing)} missing, {len(extra)} unexpected keys)"
         )
+    lost = [name for name, buffer in model.named_buffers() if buffer.device.type == "meta" and name not in state]
+    if lost:
+        raise ConfigError(
+            f"{lost[0]} is on the meta device and not in any checkpoint (a non-persistent buffer): build the "
+            "module that holds it on a real device (e.g. a rotary embedding), then deploy"
+        )
     planned, taken = [], set()
     for name, module in modules.items():
         key = name + ".weight"
