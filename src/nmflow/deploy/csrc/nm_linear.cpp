@@ -253,7 +253,13 @@ void dispatch_values(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
-int64_t grain(int64_t out) { return std::max<int64_t>(8, out / (4 * at::get_num_threads())); }
+// Rows per task: at least kMinWork multiply-adds each, so that small layers run on the calling thread (waking
+// the pool costs more than they do, and on a busy machine a descheduled helper stalls the whole call).
+constexpr int64_t kMinWork = 1 << 17;
+int64_t grain(const Layout& L, int64_t batch) {
+  const int64_t work_per_row = std::max<int64_t>(1, L.k * std::max<int64_t>(batch, 1));
+  return std::max<int64_t>({8, L.out / (4 * at::get_num_threads()), kMinWork / work_per_row});
+}
 
 at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                      const std::optional<at::Tensor>& bias, int64_t n, int64_t m, int64_t bits, int64_t large_from,
@@ -276,7 +282,7 @@ at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Te
       y = at::empty({B, L.out}, xf.options());
       const float* xp = xf.data_ptr<float>();
       float* yp = y.data_ptr<float>();
-      at::parallel_for(0, L.out, grain(L.out), [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, L.out, grain(L, B), [&](int64_t r0, int64_t r1) {
         portable ? small_portable(L, vals, xp, B, yp, bp, r0, r1) : small_simd(L, vals, xp, B, yp, bp, r0, r1);
       });
     } else {
@@ -284,7 +290,7 @@ at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Te
       at::Tensor yt = at::empty({L.out, B}, xt.options());
       const float* xp = xt.data_ptr<float>();
       float* yp = yt.data_ptr<float>();
-      at::parallel_for(0, L.out, grain(L.out), [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, L.out, grain(L, B), [&](int64_t r0, int64_t r1) {
         portable ? large_portable(L, vals, xp, B, yp, bp, r0, r1) : large_simd(L, vals, xp, B, yp, bp, r0, r1);
       });
       y = yt.t();
@@ -302,7 +308,7 @@ at::Tensor nm_densify(const at::Tensor& values, const at::Tensor& indices, int64
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
     const scalar_t* vals = values.data_ptr<scalar_t>();
     scalar_t* d = dense.data_ptr<scalar_t>();
-    at::parallel_for(0, L.out, grain(L.out), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, L.out, grain(L, 1), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         for (int64_t j = 0; j < L.k; ++j) d[r * L.in + L.base[j] + decode_one(L, r * L.k + j)] = vals[r * L.k + j];
       }
