@@ -270,3 +270,13 @@ def test_a_checkpoint_with_a_wrong_layer_shape_is_refused(tmp_path):
     with pytest.raises(nmflow.ConfigError, match="up_proj.weight: stored as shape \\[128, 64\\]"):
         nmflow.deploy(large, checkpoint=tmp_path / "m.safetensors", verbose=False)
     assert state_bytes(large) == before
+
+
+def test_an_input_that_needs_a_gradient_gets_the_right_one():
+    weight = random_nm(8, 32, 1, 8)
+    layer = layer_from(weight, None, "nm")
+    x = torch.randn(3, 32, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    reference = x.detach().clone().requires_grad_()
+    (reference @ weight.t()).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad)

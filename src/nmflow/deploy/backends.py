@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from nmflow import compressed
 from nmflow.core.errors import ConfigError
 from nmflow.deploy import kernel
 
@@ -89,7 +90,7 @@ class CSR(Backend):
     def prepare(self, layer: NMLinear) -> torch.Tensor:
         columns = layer.columns()
         rows = torch.arange(0, columns.numel() + 1, columns.shape[1], device=columns.device)
-        values = layer.values.detach().reshape(-1)
+        values = layer.file_parts()[compressed._VALUES]
         with warnings.catch_warnings():  # "CSR support is in beta": said on every build, nothing to act on
             warnings.simplefilter("ignore", UserWarning)
             return torch.sparse_csr_tensor(rows, columns.reshape(-1), values, layer.shape, check_invariants=False)

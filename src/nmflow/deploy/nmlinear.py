@@ -1,11 +1,13 @@
-"""``NMLinear``: an inference layer that holds an N:M weight as nmflow's compressed format stores it.
+"""``NMLinear``: an inference layer that holds an N:M weight as its kept values and packed in-group positions.
 
-Parameters and buffers are exactly the checkpoint's parts (see :mod:`nmflow.compressed`), in ``nn.Linear``'s
-layout ``[out, in]`` with groups of ``m`` along the input: ``values`` ``[out, in/m*n]`` (kept values, ascending
-in-group position; a parameter, so ``model.to(dtype)`` and HF's ``model.dtype`` see it), ``indices`` (in-group
-positions, ``ceil(log2 m)`` bits each, packed into uint8), ``zero_signs`` (only for a weight that had dropped
-``-0.0`` entries, so that :meth:`to_dense_module` gives the weight back bitwise) and ``bias``. So a deployed layer
-takes the bytes its compressed checkpoint takes. How the product is computed is the backend's business.
+It holds what the compressed checkpoint stores (see :mod:`nmflow.compressed`), in ``nn.Linear``'s layout
+``[out, in]`` with groups of ``m`` along the input: ``values`` (a parameter, so ``model.to(dtype)`` and HF's
+``model.dtype`` see it), ``indices`` (positions, ``ceil(log2 m)`` bits each, packed into uint8), ``zero_signs``
+(only for a weight that had dropped ``-0.0`` entries, so that :meth:`to_dense_module` gives it back bitwise) and
+``bias``; so a deployed layer takes the bytes its checkpoint takes. Only the order differs: the kernel reads
+rows in blocks of 16 (kept entry j of 16 rows side by side; the last ``out % 16`` rows row by row, as in the
+file), so ``values`` has shape ``[out, in/m*n]`` but this "row blocks" memory order; :meth:`file_parts` gives the
+file's order back.
 """
 
 from __future__ import annotations
@@ -51,8 +53,12 @@ class NMLinear(nn.Module):
         shape = info["shape"]  # the checkpoint's shape: [out, in] for a Linear, [in, out] for a Conv1D
         self.in_features, self.out_features = (shape[0], shape[1]) if info["dim"] == 0 else (shape[1], shape[0])
         kept = self.in_features // self.m * self.n
-        self.values = nn.Parameter(parts[_VALUES].reshape(self.out_features, kept), requires_grad=False)
+        values = _to_blocks(parts[_VALUES].reshape(self.out_features, kept))
+        self.values = nn.Parameter(values, requires_grad=False)
         self.register_buffer("indices", parts[_INDICES])
+        if self.out_features >= 16:  # else the two orders are the same
+            positions = compressed.unpack_bits(parts[_INDICES], self.bits, values.numel())
+            self.indices = compressed.pack_bits(_to_blocks(positions.reshape(values.shape)), self.bits)
         self.register_buffer("zero_signs", parts.get(_SIGNS))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.source, self.requires_grad, self.backend = source, requires_grad, backend
@@ -86,12 +92,23 @@ class NMLinear(nn.Module):
         return self._prepared[backend.name]
 
     # ------------------------------------------------------------------ the dense weight, when someone needs it
+    def positions(self) -> torch.Tensor:
+        """The in-group position of every kept value, int64 ``[out, in/m*n]``, rows in order."""
+        positions = compressed.unpack_bits(self.indices, self.bits, self.values.numel())
+        return _from_blocks(positions.reshape(self.values.shape))
+
+    def file_parts(self) -> dict[str, torch.Tensor]:
+        """The parts in the compressed file's order (values, packed indices, zero signs if any)."""
+        parts = {
+            _VALUES: _from_blocks(self.values.detach()).reshape(-1),
+            _INDICES: compressed.pack_bits(self.positions(), self.bits),
+        }
+        return parts if self.zero_signs is None else {**parts, _SIGNS: self.zero_signs}
+
     def columns(self) -> torch.Tensor:
-        """The input column of every kept value, int64 ``[out, in/m*n]``."""
+        """The input column of every kept value, int64 ``[out, in/m*n]``, rows in order."""
         kept = self.values.shape[1]
-        positions = compressed.unpack_bits(self.indices, self.bits, self.values.numel()).reshape(-1, kept)
-        group_start = torch.arange(kept, device=positions.device) // self.n * self.m
-        return positions + group_start
+        return self.positions() + torch.arange(kept, device=self.values.device) // self.n * self.m
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
@@ -104,15 +121,14 @@ class NMLinear(nn.Module):
         if on_cpu and kernel.available():
             return kernel.densify(self.values, self.indices, self.n, self.m, self.bits)
         dense = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
-        return dense.scatter_(1, self.columns(), self.values)
+        return dense.scatter_(1, self.columns(), _from_blocks(self.values.detach()))
 
     @torch.no_grad()
     def to_dense_module(self) -> nn.Module:
         """The ``nn.Linear`` / ``Conv1D`` this layer was made from, bitwise (dropped ``-0.0`` signs included)."""
         info = {"n": self.n, "m": self.m, "dim": 1, "shape": list(self.shape), "index_bits": self.bits}
         info |= {"dtype": str(self.values.dtype).removeprefix("torch."), "zero_signs": self.zero_signs is not None}
-        parts = {_VALUES: self.values.detach().reshape(-1), _INDICES: self.indices, _SIGNS: self.zero_signs}
-        weight = compressed._decode("weight", info, parts, "NMLinear")
+        weight = compressed._decode("weight", info, {_SIGNS: None, **self.file_parts()}, "NMLinear")
         conv1d = self.source is not nn.Linear
         with torch.device("meta"):
             if conv1d:
@@ -128,6 +144,7 @@ class NMLinear(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from nmflow.deploy import dispatch
+        from nmflow.deploy.backends import BACKENDS
 
         if x.shape[-1] != self.in_features:
             raise RuntimeError(f"NMLinear: input has {x.shape[-1]} features, the layer takes {self.in_features}")
@@ -136,6 +153,23 @@ class NMLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
-        backend = dispatch.backend_for(self, rows)
+        if rows.requires_grad and torch.is_grad_enabled():  # the kernels have no backward; F.linear does
+            backend = BACKENDS["dense"]
+        else:
+            backend = dispatch.backend_for(self, rows)
         y = backend.forward(self, rows.contiguous(), self.prepared(backend))
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _to_blocks(rows: torch.Tensor) -> torch.Tensor:
+    """``[out, kept]`` rows in order -> the same shape in row-blocks memory order (see the module docstring)."""
+    head = rows.shape[0] // 16 * 16
+    blocks = rows[:head].reshape(-1, 16, rows.shape[1]).transpose(1, 2).reshape(head, rows.shape[1])
+    return torch.cat([blocks, rows[head:]]) if head < rows.shape[0] else blocks.contiguous()
+
+
+def _from_blocks(stored: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_to_blocks`."""
+    head = stored.shape[0] // 16 * 16
+    rows = stored[:head].reshape(-1, stored.shape[1], 16).transpose(1, 2).reshape(head, stored.shape[1])
+    return torch.cat([rows, stored[head:]]) if head < stored.shape[0] else rows.contiguous()

@@ -1,13 +1,16 @@
-// y = x W^T + b for an N:M-sparse W stored as nmflow's compressed format stores it: the kept values
-// [out, K] (K = in / M * N, ascending in-group position) and their in-group positions, `bits` bits each,
-// packed least significant bit first into one uint8 stream over the whole tensor (row-major kept order).
+// y = x W^T + b for an N:M-sparse W [out, in] held as kept values and packed in-group positions, in nmflow's
+// "row blocks" order: rows in blocks of 16, and within a block kept entry j of its 16 rows side by side
+// (element ((row / 16) * K + j) * 16 + row % 16, K = in / M * N kept per row); the last out % 16 rows follow,
+// row by row. Positions take `bits` bits each, packed least significant bit first into one uint8 stream in the
+// same order, so 16 positions of a block are 2 * bits whole bytes.
 //
-// Two paths, both threaded over output rows with at::parallel_for and accumulating in fp32:
-//   * few rows of x (decoding): per 16 kept weights, decode 16 positions, gather x at them, FMA;
-//   * many rows: x transposed to [in, B], so each kept weight scales one contiguous run of x^T (FMA over batch).
-// The AVX-512 versions (F, BW, VL, VBMI: a byte permute decodes 16 packed positions at once) are compiled when
-// the compiler targets such a CPU (-march=native); the portable versions decode into small buffers and leave
-// the inner loops to the compiler's vectoriser, and are also reachable with impl=1 so tests cover them.
+// The AVX-512 path (F, BW, VL, VBMI; compiled when the compiler targets such a CPU, -march=native) computes 16
+// rows at once: for each group of M inputs (M <= 32) it loads those inputs once per batch row, and for each of
+// the N kept slots decodes the 16 positions (a byte permute, a shift, a mask), loads the 16 values and picks the
+// 16 inputs with one register permute, then FMAs: no gathers, so a batch-1 product runs at memory speed. The
+// portable path (other CPUs, M > 32, the last out % 16 rows, and impl=1 for the tests) decodes 256 entries of a
+// row into buffers and leaves the loops to the compiler's vectoriser: it gathers from x for few batch rows, and
+// for many scales contiguous runs of x^T. Both accumulate in fp32 and thread over rows with at::parallel_for.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,12 +28,18 @@
 namespace {
 
 struct Layout {
-  int64_t out, in, n, m, k, bits, idx_bytes;
+  int64_t out, in, n, m, k, bits, idx_bytes, blocks;  // blocks: full blocks of 16 rows
   const uint8_t* idx;
   const int32_t* base;  // base[j] = (j / n) * m: the first input column of kept entry j's group
 };
 
 constexpr int64_t kChunk = 256;  // kept weights decoded at a time by the portable paths
+
+// Where kept entry j of row r sits in the row-blocks order.
+inline int64_t elem(const Layout& L, int64_t r, int64_t j) {
+  const int64_t head = L.blocks * 16;
+  return r < head ? ((r >> 4) * L.k + j) * 16 + (r & 15) : head * L.k + (r - head) * L.k + j;
+}
 
 inline int32_t decode_one(const Layout& L, int64_t e) {
   const int64_t bit = e * L.bits, b = bit >> 3;
@@ -44,17 +53,17 @@ inline int32_t decode_one(const Layout& L, int64_t e) {
 template <typename T>
 inline void decode_chunk(const Layout& L, const T* vals, int64_t r, int64_t j0, int64_t count, int32_t* cols,
                          float* v) {
-  const int64_t e0 = r * L.k + j0;
   for (int64_t t = 0; t < count; ++t) {
-    cols[t] = L.base[j0 + t] + decode_one(L, e0 + t);
-    v[t] = static_cast<float>(vals[e0 + t]);
+    const int64_t e = elem(L, r, j0 + t);
+    cols[t] = L.base[j0 + t] + decode_one(L, e);
+    v[t] = static_cast<float>(vals[e]);
   }
 }
 
 // ---------------------------------------------------------------- portable
 template <typename T>
-void small_portable(const Layout& L, const T* vals, const float* x, int64_t B, float* y, const float* bias,
-                    int64_t r0, int64_t r1) {
+void small_portable(const Layout& L, const T* vals, const float* x, int64_t xs, int64_t B, float* y,
+                    const float* bias, int64_t r0, int64_t r1) {
   int32_t cols[kChunk];
   float v[kChunk];
   std::vector<float> acc(B);
@@ -64,7 +73,7 @@ void small_portable(const Layout& L, const T* vals, const float* x, int64_t B, f
       const int64_t count = std::min(kChunk, L.k - j0);
       decode_chunk(L, vals, r, j0, count, cols, v);
       for (int64_t b = 0; b < B; ++b) {
-        const float* xb = x + b * L.in;
+        const float* xb = x + b * xs;
         float s = 0.f;
 #pragma omp simd reduction(+ : s)
         for (int64_t t = 0; t < count; ++t) s += v[t] * xb[cols[t]];
@@ -104,121 +113,92 @@ void large_portable(const Layout& L, const T* vals, const float* xt, int64_t B, 
 
 // ---------------------------------------------------------------- AVX-512
 #ifdef NM_AVX512
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+constexpr bool kSimd = true;
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-inline __m512 load16(const at::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
-
-inline __mmask16 lanes_left(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
-
-// Input columns of kept entries [j0, j0 + 16) of row r: one masked load of the packed bytes, one byte permute
-// that puts each lane's 3-4 bytes into its dword, a variable shift and a mask.
-inline __m512i decode16(const Layout& L, int64_t r, int64_t j0, __mmask16 lanes) {
-  const int64_t bit0 = (r * L.k + j0) * L.bits, byte0 = bit0 >> 3;
-  const __m512i lane_bit = _mm512_add_epi32(_mm512_set1_epi32(int32_t(bit0 & 7)),
-                                            _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5,
-                                                                                4, 3, 2, 1, 0),
-                                                               _mm512_set1_epi32(int32_t(L.bits))));
-  const __m512i byte = _mm512_srli_epi32(lane_bit, 3);
-  const __m512i perm = _mm512_add_epi32(_mm512_mullo_epi32(byte, _mm512_set1_epi32(0x01010101)),
-                                        _mm512_set1_epi32(0x03020100));
-  const int64_t avail = L.idx_bytes - byte0;
-  const __mmask64 load_mask = avail >= 64 ? ~__mmask64(0) : ((__mmask64(1) << avail) - 1);
-  const __m512i data = _mm512_maskz_loadu_epi8(load_mask, L.idx + byte0);
-  const __m512i words = _mm512_permutexvar_epi8(perm, data);
-  const __m512i pos = _mm512_and_si512(_mm512_srlv_epi32(words, _mm512_and_si512(lane_bit, _mm512_set1_epi32(7))),
-                                       _mm512_set1_epi32(int32_t((1u << L.bits) - 1)));
-  return _mm512_add_epi32(pos, _mm512_maskz_loadu_epi32(lanes, L.base + j0));
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-template <typename T, int NB>
-void small_avx512(const Layout& L, const T* vals, const float* x, float* y, const float* bias, int64_t r0,
-                  int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
+// Decodes the 16 positions of one block entry: its 2 * bits bytes are loaded (masked at the end of the stream),
+// a byte permute gives each lane the 4 bytes from its first bit on, a variable shift and a mask finish.
+struct Decoder {
+  __m512i perm, shift, mask;
+  explicit Decoder(int64_t bits) {
+    const __m512i lane_bit = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(int32_t(bits)));
+    perm = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(lane_bit, 3), _mm512_set1_epi32(0x01010101)),
+                            _mm512_set1_epi32(0x03020100));
+    shift = _mm512_and_si512(lane_bit, _mm512_set1_epi32(7));
+    mask = _mm512_set1_epi32(int32_t((1u << bits) - 1));
+  }
+  __m512i operator()(const Layout& L, int64_t entry) const {
+    const int64_t byte0 = entry * 2 * L.bits, avail = L.idx_bytes - byte0;
+    const __mmask16 load_mask = avail >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << avail) - 1);
+    const __m512i data = _mm512_zextsi128_si512(_mm_maskz_loadu_epi8(load_mask, L.idx + byte0));
+    return _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi8(perm, data), shift), mask);
+  }
+};
+
+// Rows of blocks [blk0, blk1) for NB batch rows (x rows xs apart, zero-padded by 32 floats; y rows L.out apart).
+// WIDE: M == 32, two registers of inputs per group; otherwise M <= 16 fits one.
+template <typename T, int NB, bool WIDE>
+void blocks_avx512(const Layout& L, const T* vals, const float* x, int64_t xs, float* y, const float* bias,
+                   int64_t blk0, int64_t blk1) {
+  const Decoder decode(L.bits);
+  const int64_t groups = L.k / L.n;
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
     __m512 acc[NB];
     for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps();
-    for (int64_t j0 = 0; j0 < L.k; j0 += 16) {
-      const __mmask16 lanes = lanes_left(L.k - j0);
-      const __m512i cols = decode16(L, r, j0, lanes);
-      const __m512 v = load16(vals + r * L.k + j0, lanes);
+    int64_t entry = blk * L.k;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 lo[NB], hi[NB];
       for (int b = 0; b < NB; ++b) {
-        const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, cols, x + b * L.in, 4);
-        acc[b] = _mm512_fmadd_ps(v, g, acc[b]);
+        lo[b] = _mm512_loadu_ps(x + b * xs + g * L.m);
+        if (WIDE) hi[b] = _mm512_loadu_ps(x + b * xs + g * L.m + 16);
       }
-    }
-    for (int b = 0; b < NB; ++b) y[b * L.out + r] = _mm512_reduce_add_ps(acc[b]) + (bias ? bias[r] : 0.f);
-  }
-}
-
-template <typename T, int NQ>
-void large_block_avx512(const Layout& L, const T* vals, const float* xt, int64_t B, int64_t bb, float* yt,
-                        const float* bias, int64_t r0, int64_t r1) {
-  alignas(64) int32_t cols[16];
-  alignas(64) float v[16];
-  const __mmask16 tail = lanes_left(B - bb - 16 * (NQ - 1));
-  for (int64_t r = r0; r < r1; ++r) {
-    __m512 acc[NQ];
-    for (int q = 0; q < NQ; ++q) acc[q] = _mm512_set1_ps(bias ? bias[r] : 0.f);
-    for (int64_t j0 = 0; j0 < L.k; j0 += 16) {
-      const __mmask16 lanes = lanes_left(L.k - j0);
-      _mm512_store_si512(cols, decode16(L, r, j0, lanes));
-      _mm512_store_ps(v, load16(vals + r * L.k + j0, lanes));
-      const int count = int(std::min<int64_t>(16, L.k - j0));
-      for (int t = 0; t < count; ++t) {
-        const float* xr = xt + int64_t(cols[t]) * B + bb;
-        const __m512 vt = _mm512_set1_ps(v[t]);
-        for (int q = 0; q < NQ; ++q) {
-          const __mmask16 m = q == NQ - 1 ? tail : __mmask16(0xFFFF);
-          acc[q] = _mm512_fmadd_ps(vt, _mm512_maskz_loadu_ps(m, xr + 16 * q), acc[q]);
+      for (int64_t s = 0; s < L.n; ++s, ++entry) {
+        const __m512i pos = decode(L, entry);
+        const __m512 v = load16(vals + entry * 16);
+        for (int b = 0; b < NB; ++b) {
+          const __m512 picked =
+              WIDE ? _mm512_permutex2var_ps(lo[b], pos, hi[b]) : _mm512_permutexvar_ps(pos, lo[b]);
+          acc[b] = _mm512_fmadd_ps(v, picked, acc[b]);
         }
       }
     }
-    for (int q = 0; q < NQ; ++q) {
-      _mm512_mask_storeu_ps(yt + r * B + bb + 16 * q, q == NQ - 1 ? tail : __mmask16(0xFFFF), acc[q]);
-    }
+    const __m512 b16 = bias ? _mm512_loadu_ps(bias + blk * 16) : _mm512_setzero_ps();
+    for (int b = 0; b < NB; ++b) _mm512_storeu_ps(y + b * L.out + blk * 16, _mm512_add_ps(acc[b], b16));
   }
 }
 
-template <typename T>
-void small_simd(const Layout& L, const T* vals, const float* x, int64_t B, float* y, const float* bias, int64_t r0,
-                int64_t r1) {
-  for (int64_t b0 = 0; b0 < B; b0 += 4) {
-    const float* xb = x + b0 * L.in;
+template <typename T, bool WIDE>
+void blocks_simd(const Layout& L, const T* vals, const float* x, int64_t xs, int64_t B, float* y, const float* bias,
+                 int64_t blk0, int64_t blk1) {
+  constexpr int64_t kMaxNB = WIDE ? 4 : 8;  // batch rows per pass, as many as the 32 registers hold
+  for (int64_t b0 = 0; b0 < B; b0 += kMaxNB) {
+    const float* xb = x + b0 * xs;
     float* yb = y + b0 * L.out;
-    switch (std::min<int64_t>(4, B - b0)) {
-      case 1: small_avx512<T, 1>(L, vals, xb, yb, bias, r0, r1); break;
-      case 2: small_avx512<T, 2>(L, vals, xb, yb, bias, r0, r1); break;
-      case 3: small_avx512<T, 3>(L, vals, xb, yb, bias, r0, r1); break;
-      default: small_avx512<T, 4>(L, vals, xb, yb, bias, r0, r1); break;
-    }
-  }
-}
-
-template <typename T>
-void large_simd(const Layout& L, const T* vals, const float* xt, int64_t B, float* yt, const float* bias, int64_t r0,
-                int64_t r1) {
-  for (int64_t bb = 0; bb < B; bb += kBatchBlock) {
-    switch ((std::min(kBatchBlock, B - bb) + 15) / 16) {
-      case 1: large_block_avx512<T, 1>(L, vals, xt, B, bb, yt, bias, r0, r1); break;
-      case 2: large_block_avx512<T, 2>(L, vals, xt, B, bb, yt, bias, r0, r1); break;
-      case 3: large_block_avx512<T, 3>(L, vals, xt, B, bb, yt, bias, r0, r1); break;
-      default: large_block_avx512<T, 4>(L, vals, xt, B, bb, yt, bias, r0, r1); break;
+    switch (std::min(kMaxNB, B - b0)) {
+      case 1: blocks_avx512<T, 1, WIDE>(L, vals, xb, xs, yb, bias, blk0, blk1); break;
+      case 2: blocks_avx512<T, 2, WIDE>(L, vals, xb, xs, yb, bias, blk0, blk1); break;
+      case 3: blocks_avx512<T, 3, WIDE>(L, vals, xb, xs, yb, bias, blk0, blk1); break;
+      case 4: blocks_avx512<T, 4, WIDE>(L, vals, xb, xs, yb, bias, blk0, blk1); break;
+      case 5: blocks_avx512<T, 5, WIDE>(L, vals, xb, xs, yb, bias, blk0, blk1); break;
+      case 6: blocks_avx512<T, 6, WIDE>(L, vals, xb, xs, yb, bias, blk0, blk1); break;
+      case 7: blocks_avx512<T, 7, WIDE>(L, vals, xb, xs, yb, bias, blk0, blk1); break;
+      default: blocks_avx512<T, 8, WIDE>(L, vals, xb, xs, yb, bias, blk0, blk1); break;
     }
   }
 }
 #else
-template <typename T>
-void small_simd(const Layout& L, const T* vals, const float* x, int64_t B, float* y, const float* bias, int64_t r0,
-                int64_t r1) {
-  small_portable(L, vals, x, B, y, bias, r0, r1);
-}
-template <typename T>
-void large_simd(const Layout& L, const T* vals, const float* xt, int64_t B, float* yt, const float* bias, int64_t r0,
-                int64_t r1) {
-  large_portable(L, vals, xt, B, yt, bias, r0, r1);
-}
+constexpr bool kSimd = false;
+template <typename T, bool WIDE>
+void blocks_simd(const Layout&, const T*, const float*, int64_t, int64_t, float*, const float*, int64_t, int64_t) {}
 #endif
 
 // ---------------------------------------------------------------- operators
@@ -232,7 +212,8 @@ Layout make_layout(const at::Tensor& values, const at::Tensor& indices, const at
   const int64_t out = values.size(0), k = values.size(1);
   TORCH_CHECK(k % n == 0, "nm_linear: kept entries per row are not a multiple of n");
   TORCH_CHECK(indices.numel() == (out * k * bits + 7) / 8, "nm_linear: index stream has the wrong length");
-  return Layout{out, k / n * m, n, m, k, bits, indices.numel(), indices.data_ptr<uint8_t>(), base.data_ptr<int32_t>()};
+  return Layout{out,         k / n * m, n, m, k, bits, indices.numel(), out / 16, indices.data_ptr<uint8_t>(),
+                base.data_ptr<int32_t>()};
 }
 
 at::Tensor group_base(int64_t k, int64_t n, int64_t m) {
@@ -256,9 +237,41 @@ void dispatch_values(at::ScalarType dtype, Fn&& fn) {
 // Rows per task: at least kMinWork multiply-adds each, so that small layers run on the calling thread (waking
 // the pool costs more than they do, and on a busy machine a descheduled helper stalls the whole call).
 constexpr int64_t kMinWork = 1 << 17;
-int64_t grain(const Layout& L, int64_t batch) {
+int64_t grain(const Layout& L, int64_t rows, int64_t batch) {
   const int64_t work_per_row = std::max<int64_t>(1, L.k * std::max<int64_t>(batch, 1));
-  return std::max<int64_t>({8, L.out / (4 * at::get_num_threads()), kMinWork / work_per_row});
+  return std::max<int64_t>({1, rows / (4 * at::get_num_threads()), kMinWork / work_per_row});
+}
+
+template <typename T>
+void linear_rows(const Layout& L, const T* vals, const at::Tensor& x, const float* bias, float* y, int64_t large_from,
+                 bool portable) {
+  const int64_t B = x.size(0), xs = L.in + 32;  // x rows padded, so a group's 16 or 32 inputs load whole
+  at::Tensor xf = at::zeros({B, xs}, x.options().dtype(at::kFloat));
+  xf.narrow(1, 0, L.in).copy_(x);
+  const float* xp = xf.data_ptr<float>();
+  int64_t first_portable = 0;  // rows from here on take the portable path
+  if (kSimd && !portable && L.m <= 32) {
+    first_portable = L.blocks * 16;
+    at::parallel_for(0, L.blocks, grain(L, L.blocks, 16 * B), [&](int64_t b0, int64_t b1) {
+      L.m == 32 ? blocks_simd<T, true>(L, vals, xp, xs, B, y, bias, b0, b1)
+                : blocks_simd<T, false>(L, vals, xp, xs, B, y, bias, b0, b1);
+    });
+  }
+  const int64_t rows = L.out - first_portable;
+  if (rows == 0) return;
+  if (B < large_from) {
+    at::parallel_for(first_portable, L.out, grain(L, rows, B), [&](int64_t r0, int64_t r1) {
+      small_portable(L, vals, xp, xs, B, y, bias, r0, r1);
+    });
+    return;
+  }
+  const at::Tensor xt = x.t().to(at::kFloat).contiguous();
+  at::Tensor yt = at::empty({rows, B}, xt.options());
+  at::parallel_for(first_portable, L.out, grain(L, rows, B), [&](int64_t r0, int64_t r1) {
+    large_portable(L, vals, xt.data_ptr<float>(), B, yt.data_ptr<float>() - first_portable * B, bias, r0, r1);
+  });
+  at::Tensor y_view = at::from_blob(y, {B, L.out}, x.options().dtype(at::kFloat));
+  y_view.narrow(1, first_portable, rows).copy_(yt.t());
 }
 
 at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
@@ -268,49 +281,33 @@ at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Te
   const Layout L = make_layout(values, indices, base, n, m, bits);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == L.in, "nm_linear: x must be [batch, ", L.in, "]");
   TORCH_CHECK(x.scalar_type() == values.scalar_type(), "nm_linear: x and values differ in dtype");
-  const int64_t B = x.size(0);
   const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   TORCH_CHECK(!bias_f.defined() || bias_f.numel() == L.out, "nm_linear: bias has the wrong size");
-  const bool portable = impl == 1;
-  at::Tensor y;
+  at::Tensor y = at::empty({x.size(0), L.out}, x.options().dtype(at::kFloat));
   dispatch_values(values.scalar_type(), [&](auto* tag) {
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
-    const scalar_t* vals = values.data_ptr<scalar_t>();
-    if (B < large_from) {
-      const at::Tensor xf = x.to(at::kFloat).contiguous();
-      y = at::empty({B, L.out}, xf.options());
-      const float* xp = xf.data_ptr<float>();
-      float* yp = y.data_ptr<float>();
-      at::parallel_for(0, L.out, grain(L, B), [&](int64_t r0, int64_t r1) {
-        portable ? small_portable(L, vals, xp, B, yp, bp, r0, r1) : small_simd(L, vals, xp, B, yp, bp, r0, r1);
-      });
-    } else {
-      const at::Tensor xt = x.t().to(at::kFloat).contiguous();
-      at::Tensor yt = at::empty({L.out, B}, xt.options());
-      const float* xp = xt.data_ptr<float>();
-      float* yp = yt.data_ptr<float>();
-      at::parallel_for(0, L.out, grain(L, B), [&](int64_t r0, int64_t r1) {
-        portable ? large_portable(L, vals, xp, B, yp, bp, r0, r1) : large_simd(L, vals, xp, B, yp, bp, r0, r1);
-      });
-      y = yt.t();
-    }
+    linear_rows(L, values.data_ptr<scalar_t>(), x, bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
+                y.data_ptr<float>(), large_from, impl == 1);
   });
-  return y.to(x.scalar_type()).contiguous();
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 // The dense [out, in] weight: zeros with the kept values scattered in (dropped -0.0 signs are not restored).
 at::Tensor nm_densify(const at::Tensor& values, const at::Tensor& indices, int64_t n, int64_t m, int64_t bits) {
   const at::Tensor base = group_base(values.size(1), n, m);
   const Layout L = make_layout(values, indices, base, n, m, bits);
-  at::Tensor dense = at::zeros({L.out, L.in}, values.options());
+  at::Tensor dense = at::empty({L.out, L.in}, values.options());  // zeroed row by row below, while in cache
   dispatch_values(values.scalar_type(), [&](auto* tag) {
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
     const scalar_t* vals = values.data_ptr<scalar_t>();
     scalar_t* d = dense.data_ptr<scalar_t>();
-    at::parallel_for(0, L.out, grain(L, 1), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, L.out, grain(L, L.out, 1), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t j = 0; j < L.k; ++j) d[r * L.in + L.base[j] + decode_one(L, r * L.k + j)] = vals[r * L.k + j];
+        std::fill(d + r * L.in, d + (r + 1) * L.in, scalar_t(0));
+        for (int64_t j = 0; j < L.k; ++j) {
+          const int64_t e = elem(L, r, j);
+          d[r * L.in + L.base[j] + decode_one(L, e)] = vals[e];
+        }
       }
     });
   });
