@@ -21,7 +21,7 @@ __all__ = ["available", "densify", "linear", "simd", "unavailable_reason"]
 
 SOURCE = Path(__file__).parent / "csrc" / "nm_linear.cpp"
 NAME = "nmflow_nm_kernel"
-LARGE_FROM = 4  # rows of x from which the kernel streams x^T instead of gathering from x (measured on AVX-512)
+LARGE_FROM = 4  # batch rows from which the portable path streams x^T instead of gathering from x
 
 _lock = threading.Lock()
 _state: dict[str, str | bool] = {}  # "loaded": True, or "error": why not
@@ -89,10 +89,15 @@ def linear(
     *,
     portable: bool = False,
 ) -> torch.Tensor:
-    """``x [B, in] @ W.T + bias`` from the compressed parts (``values [out, in/m*n]``, packed ``indices``)."""
+    """``x [B, in] @ W.T + bias`` from an NMLinear's parts (``values [out, in/m*n]`` and packed ``indices``, both
+    in row-blocks order; see :mod:`nmflow.deploy.nmlinear`); ``portable`` forces the path other CPUs take."""
+    if "loaded" not in _state and not _load():
+        raise RuntimeError(f"nmflow's N:M kernel is unavailable: {_state['error']}")
     return torch.ops.nmflow_nm.linear(x, values, indices, bias, n, m, bits, LARGE_FROM, int(portable))
 
 
 def densify(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, bits: int) -> torch.Tensor:
-    """The dense ``[out, in]`` weight (dropped entries +0.0)."""
+    """The dense ``[out, in]`` weight (dropped entries +0.0) from an NMLinear's parts."""
+    if "loaded" not in _state and not _load():
+        raise RuntimeError(f"nmflow's N:M kernel is unavailable: {_state['error']}")
     return torch.ops.nmflow_nm.densify(values, indices, n, m, bits)
