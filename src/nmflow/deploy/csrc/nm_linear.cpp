@@ -146,6 +146,8 @@ struct Decoder {
 
 // Rows of blocks [blk0, blk1) for NB batch rows (x rows xs apart, zero-padded by 32 floats; y rows L.out apart).
 // WIDE: M == 32, two registers of inputs per group; otherwise M <= 16 fits one.
+constexpr int64_t kAhead = 32;  // block entries to prefetch ahead (the hardware prefetcher alone lags)
+
 template <typename T, int NB, bool WIDE>
 void blocks_avx512(const Layout& L, const T* vals, const float* x, int64_t xs, float* y, const float* bias,
                    int64_t blk0, int64_t blk1) {
@@ -162,6 +164,8 @@ void blocks_avx512(const Layout& L, const T* vals, const float* x, int64_t xs, f
         if (WIDE) hi[b] = _mm512_loadu_ps(x + b * xs + g * L.m + 16);
       }
       for (int64_t s = 0; s < L.n; ++s, ++entry) {
+        _mm_prefetch(reinterpret_cast<const char*>(vals + (entry + kAhead) * 16), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(L.idx + (entry + kAhead) * 2 * L.bits), _MM_HINT_T0);
         const __m512i pos = decode(L, entry);
         const __m512 v = load16(vals + entry * 16);
         for (int b = 0; b < NB; ++b) {
