@@ -44,7 +44,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--patterns", nargs="+", default=["2:4", "1:8", "1:16", "1:32"])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64, 512])
-    parser.add_argument("--backends", nargs="+", default=["nm", "csr", "dense", "auto"])
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["nm", "csr", "dense", "auto"],
+        help="backends to time (and auto; auto-copies: auto with deploy(dense_copies=True))",
+    )
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds per row (median)")
     parser.add_argument("--cache-mb", type=int, default=96, help="cycle copies until they exceed this many MB")
     parser.add_argument("--new-tokens", type=int, default=64, help="e2e: greedy tokens generated")
@@ -96,7 +101,7 @@ def layer_copies(shape: tuple[int, int], n: int, m: int, dtype: torch.dtype, cac
 
 
 def layer_rows(args: argparse.Namespace) -> None:
-    names = [b for b in args.backends if b == "auto" or b in BACKENDS]
+    names = [b for b in args.backends if b in ("auto", "auto-copies") or b in BACKENDS]
     print(f"\n(a) layers: ms per call (x dense), median of {args.repeats}; weights cycled over > {args.cache_mb} MB")
     print("| shape | dtype | N:M | batch | dense F.linear ms | " + " | ".join(names) + " | byte limit |")
     print("|---|---|---|---|---|" + "---|" * len(names) + "---|")
@@ -130,13 +135,14 @@ def layer_rows(args: argparse.Namespace) -> None:
 
 
 def _runner(layers: list[NMLinear], name: str, x: torch.Tensor) -> Callable[[int], object] | None:
-    """A callable running copy c of the layer with backend ``name``, or None if that backend cannot run it."""
-    if name != "auto" and BACKENDS[name].unavailable(layers[0], x) is not None:
+    """A callable running copy c of the layer with backend ``name`` (``auto-copies``: auto with
+    ``dense_copies=True``), or None if that backend cannot run it."""
+    if name not in ("auto", "auto-copies") and BACKENDS[name].unavailable(layers[0], x) is not None:
         return None
 
     def run(c: int) -> object:
         layer = layers[c % len(layers)]
-        layer.backend = name
+        layer.backend, layer.dense_copies = name.removesuffix("-copies"), name == "auto-copies"
         return layer(x)
 
     return run

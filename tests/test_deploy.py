@@ -232,6 +232,9 @@ def test_auto_caches_per_bucket_and_obeys_overrides():
         layer.choices[(torch.float32, "cpu", 4)] = "csr"
         check_close(layer(x := torch.randn(5, 64)), x, weight, None)
     assert "csr" in layer._prepared
+    assert all(b.name != "dense-cached" for b in dispatch.candidates(layer, x))
+    layer.dense_copies = True  # deploy(dense_copies=True)
+    assert "dense-cached" in {b.name for b in dispatch.candidates(layer, x)}
     layer.to(torch.bfloat16)
     assert not layer._prepared and layer.values.dtype == torch.bfloat16 and layer.indices.dtype == torch.uint8
     with torch.no_grad():

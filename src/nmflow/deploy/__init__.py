@@ -81,6 +81,7 @@ def deploy(
     backend: str = "auto",
     checkpoint: str | os.PathLike | None = None,
     layers: list[str] | None = None,
+    dense_copies: bool = False,
     verbose: bool = True,
 ) -> list[DeployedLayer]:
     """Swap every ``nn.Linear`` / ``Conv1D`` whose weight is exact N:M along its input for an ``NMLinear``.
@@ -90,7 +91,9 @@ def deploy(
     makes a layer that is not N:M an error. With ``checkpoint`` (a file of ``save_compressed``), the whole state
     is loaded from it and its compressed weights go straight into the N:M layers, never dense; the model may live
     on the ``meta`` device. Everything is checked before the model changes: a bad input raises
-    ``nmflow.ConfigError`` and leaves the model as it was. Returns the per-layer table (printed if ``verbose``).
+    ``nmflow.ConfigError`` and leaves the model as it was. ``dense_copies=True`` lets ``auto`` keep a layer's
+    dense weight where dense GEMM on it is fastest (see :mod:`nmflow.deploy.dispatch`); by default a deployed
+    model holds only its compressed bytes. Returns the per-layer table (printed if ``verbose``).
     """
     _check_backend(backend)
     modules = _candidates(model)
@@ -111,17 +114,18 @@ def deploy(
 
     if loaded:
         model.load_state_dict(loaded, strict=False, assign=True)
-    table = [_swap(model, plan, backend) for plan in planned]
+    table = [_swap(model, plan, backend, dense_copies) for plan in planned]
     if verbose:
         print(format_table(table))
     return table
 
 
-def _swap(model: nn.Module, plan: Planned, backend: str) -> DeployedLayer:
+def _swap(model: nn.Module, plan: Planned, backend: str, dense_copies: bool) -> DeployedLayer:
     parent_name, _, child = plan.name.rpartition(".")
     layer = NMLinear(
         plan.parts, plan.info, plan.bias, source=plan.source, requires_grad=plan.requires_grad, backend=backend
     )
+    layer.dense_copies = dense_copies
     setattr(model.get_submodule(parent_name), child, layer)
     shown = backend
     if backend == "auto" and layer.values.device.type != "meta":

@@ -8,6 +8,7 @@ Callers only go through :data:`BACKENDS`, so a new backend (a Triton kernel, say
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -101,15 +102,31 @@ class CSR(Backend):
 
 
 class DenseRebuild(Backend):
-    """Dense GEMM on a weight rebuilt for each call and dropped after it: no memory kept, for large batches."""
+    """Dense GEMM on a weight rebuilt for each call, for large batches.
+
+    On CPU the kernel rebuilds it into one scratch buffer per thread and dtype, shared by all layers (the size of
+    the largest layer that ran this way): fresh memory for each call would cost a page fault per 4 KB page.
+    """
 
     name = "dense"
+
+    def __init__(self) -> None:
+        self._scratch = threading.local()
 
     def unavailable(self, layer: NMLinear, x: torch.Tensor) -> str | None:
         return None
 
     def forward(self, layer: NMLinear, x: torch.Tensor, prepared: Any) -> torch.Tensor:
-        return F.linear(x, layer.dense_weight(), layer.bias)
+        values = layer.values
+        if values.device.type != "cpu" or values.dtype not in _KERNEL_DTYPES or not kernel.available():
+            return F.linear(x, layer.dense_weight(), layer.bias)
+        buffers = self._scratch.__dict__
+        numel = layer.out_features * layer.in_features
+        if buffers.get(values.dtype) is None or buffers[values.dtype].numel() < numel:
+            buffers[values.dtype] = torch.empty(numel, dtype=values.dtype)
+        weight = buffers[values.dtype][:numel].view(layer.shape)
+        kernel.densify(values, layer.indices, layer.n, layer.m, layer.bits, out=weight)
+        return F.linear(x, weight, layer.bias)
 
 
 class DenseCached(Backend):

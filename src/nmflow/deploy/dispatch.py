@@ -9,8 +9,11 @@ buckets are measured when the first such batch arrives (a prefill, say), which c
 Candidates are the registered backends that can run the layer, except those that keep extra memory (a CSR or
 a dense copy) while the N:M kernel is available: the dense candidate rebuilds the weight for each call, and its
 measured time includes that rebuild, so it wins only where dense GEMM is faster even so (large batches at low
-sparsity), and the deployed model never holds more than its compressed bytes. Without the kernel (not built)
-CSR (float32) or a kept dense copy (other dtypes) are the candidates, as the fallback in ``deploy`` says.
+sparsity), and the deployed model never holds more than its compressed bytes. ``deploy(dense_copies=True)`` adds
+the kept dense copy as a candidate: where it wins (2:4 in bf16 from about 64 rows, where oneDNN's bf16 GEMM beats
+both the kernel and the rebuild) the layer then holds its dense weight too, built at the first such batch.
+Without the kernel (not built) CSR (float32) or a kept dense copy (other dtypes) are the candidates, as the
+fallback in ``deploy`` says.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def candidates(layer: NMLinear, x: torch.Tensor) -> list[Backend]:
     if x.device.type == "cpu" and "nm" not in names:  # the fallback: no kernel
         return [BACKENDS["csr" if "csr" in names else "dense-cached"]]
     lean = [b for b in usable if not b.extra_memory and (x.device.type == "cpu" or b.name != "dense")]
+    if layer.dense_copies and x.device.type == "cpu":
+        lean.append(BACKENDS["dense-cached"])
     return lean or [BACKENDS["dense-cached"]]
 
 
@@ -89,7 +94,7 @@ def backend_for(layer: NMLinear, rows: torch.Tensor) -> Backend:
     key = (rows.dtype, rows.device.type, size)
     name = layer.choices.get(key)
     if name is None:
-        shared = (*layer.shape, layer.n, layer.m, layer.bias is not None, *key, kernel.available())
+        shared = (*layer.shape, layer.n, layer.m, layer.bias is not None, *key, kernel.available(), layer.dense_copies)
         name = DECISIONS.get(shared)
         if name is None:
             probe = torch.randn(size, layer.in_features, dtype=rows.dtype, device=rows.device)

@@ -96,8 +96,12 @@ def linear(
     return torch.ops.nmflow_nm.linear(x, values, indices, bias, n, m, bits, LARGE_FROM, int(portable))
 
 
-def densify(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, bits: int) -> torch.Tensor:
-    """The dense ``[out, in]`` weight (dropped entries +0.0) from an NMLinear's parts."""
+def densify(
+    values: torch.Tensor, indices: torch.Tensor, n: int, m: int, bits: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The dense ``[out, in]`` weight (dropped entries +0.0) from an NMLinear's parts, into ``out`` if given."""
     if "loaded" not in _state and not _load():
         raise RuntimeError(f"nmflow's N:M kernel is unavailable: {_state['error']}")
-    return torch.ops.nmflow_nm.densify(values, indices, n, m, bits)
+    if out is None:
+        return torch.ops.nmflow_nm.densify(values, indices, n, m, bits)
+    return torch.ops.nmflow_nm.densify_out(values, indices, n, m, bits, out=out)

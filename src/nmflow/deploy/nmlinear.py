@@ -62,8 +62,21 @@ class NMLinear(nn.Module):
         self.register_buffer("zero_signs", parts.get(_SIGNS))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.source, self.requires_grad, self.backend = source, requires_grad, backend
+        self._dense_copies = False
         self.choices: dict[tuple[torch.dtype, str, int], str] = {}
         self._prepared: dict[str, Any] = {}
+
+    @property
+    def dense_copies(self) -> bool:
+        """Whether ``auto`` may keep a dense copy of the weight where that is fastest (see dispatch)."""
+        return self._dense_copies
+
+    @dense_copies.setter
+    def dense_copies(self, allowed: bool) -> None:
+        if allowed != self._dense_copies:
+            self.choices.clear()  # decided among other candidates
+            self._prepared.pop("dense-cached", None)
+        self._dense_copies = allowed
 
     @property
     def shape(self) -> tuple[int, int]:

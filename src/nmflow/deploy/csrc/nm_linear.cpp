@@ -296,18 +296,21 @@ at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Te
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
-// The dense [out, in] weight: zeros with the kept values scattered in (dropped -0.0 signs are not restored).
-at::Tensor nm_densify(const at::Tensor& values, const at::Tensor& indices, int64_t n, int64_t m, int64_t bits) {
+// The dense [out, in] weight into `dense` (a reused buffer avoids the page faults of fresh memory): zeros with the
+// kept values scattered in (dropped -0.0 signs are not restored).
+at::Tensor& nm_densify_out(const at::Tensor& values, const at::Tensor& indices, int64_t n, int64_t m, int64_t bits,
+                           at::Tensor& dense) {
   const at::Tensor base = group_base(values.size(1), n, m);
   const Layout L = make_layout(values, indices, base, n, m, bits);
-  at::Tensor dense = at::empty({L.out, L.in}, values.options());  // zeroed row by row below, while in cache
+  TORCH_CHECK(dense.is_contiguous() && dense.scalar_type() == values.scalar_type() && dense.numel() == L.out * L.in,
+              "nm_densify: the output must be a contiguous [out, in] tensor of the values' dtype");
   dispatch_values(values.scalar_type(), [&](auto* tag) {
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
     const scalar_t* vals = values.data_ptr<scalar_t>();
     scalar_t* d = dense.data_ptr<scalar_t>();
     at::parallel_for(0, L.out, grain(L, L.out, 1), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        std::fill(d + r * L.in, d + (r + 1) * L.in, scalar_t(0));
+        std::fill(d + r * L.in, d + (r + 1) * L.in, scalar_t(0));  // zeroed row by row, while in cache
         for (int64_t j = 0; j < L.k; ++j) {
           const int64_t e = elem(L, r, j);
           d[r * L.in + L.base[j] + decode_one(L, e)] = vals[e];
@@ -316,6 +319,11 @@ at::Tensor nm_densify(const at::Tensor& values, const at::Tensor& indices, int64
     });
   });
   return dense;
+}
+
+at::Tensor nm_densify(const at::Tensor& values, const at::Tensor& indices, int64_t n, int64_t m, int64_t bits) {
+  at::Tensor dense = at::empty({values.size(0), values.size(1) / n * m}, values.options());
+  return nm_densify_out(values, indices, n, m, bits, dense);
 }
 
 bool has_avx512() {
@@ -332,10 +340,12 @@ TORCH_LIBRARY(nmflow_nm, lib) {
   lib.def("linear(Tensor x, Tensor values, Tensor indices, Tensor? bias, int n, int m, int bits, int large_from, "
           "int impl) -> Tensor");
   lib.def("densify(Tensor values, Tensor indices, int n, int m, int bits) -> Tensor");
+  lib.def("densify_out(Tensor values, Tensor indices, int n, int m, int bits, *, Tensor(a!) out) -> Tensor(a!)");
   lib.def("simd() -> bool", &has_avx512);
 }
 
 TORCH_LIBRARY_IMPL(nmflow_nm, CPU, lib) {
   lib.impl("linear", &nm_linear);
   lib.impl("densify", &nm_densify);
+  lib.impl("densify_out", &nm_densify_out);
 }
