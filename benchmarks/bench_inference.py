@@ -20,6 +20,7 @@ batch 1, tokens/s dense vs deployed, the time of a 512-token prefill, and the de
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -114,11 +115,13 @@ def layer_rows(args: argparse.Namespace) -> None:
             for pattern in args.patterns:
                 n, m = (int(v) for v in pattern.split(":"))
                 layers = layer_copies(shape, n, m, dtype, args.cache_mb)
+                # auto-copies runs its own copies: switching dense_copies on a layer resets its decisions
+                with_copies = [copy.deepcopy(layer) for layer in layers] if "auto-copies" in names else []
                 for batch in args.batches:
                     x = torch.randn(batch, shape[1], dtype=dtype)
                     runs = {"F.linear": lambda c, x=x, dense=dense: F.linear(x, dense[c % len(dense)])}
                     for name in names:
-                        runs[name] = _runner(layers, name, x)
+                        runs[name] = _runner(with_copies if name == "auto-copies" else layers, name, x)
                     runs = {k: v for k, v in runs.items() if v is not None}
                     with torch.inference_mode():
                         ms = median_ms(runs, len(layers), args.repeats)
