@@ -256,6 +256,9 @@ def test_bad_input_leaves_the_model_unchanged(tmp_path):
         with pytest.raises(nmflow.ConfigError, match=message):
             nmflow.deploy(model, verbose=False, **kwargs)
         assert state_bytes(model) == before and not any(isinstance(m, NMLinear) for m in model.modules())
+    nmflow.deploy(model, backend="nm", verbose=False)
+    with pytest.raises(nmflow.ConfigError, match="deployed already"):
+        nmflow.deploy(model, verbose=False)
     dense = tiny_llama()
     with pytest.raises(nmflow.ConfigError, match="no nn.Linear/Conv1D weight of the model is N:M"):
         nmflow.deploy(dense, verbose=False)

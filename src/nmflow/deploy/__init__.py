@@ -110,6 +110,8 @@ def deploy(
         if dense:
             raise ConfigError(f"{dense[0]}.weight is not N:M along its input dimension (not exact)")
     if not planned:
+        if any(isinstance(module, NMLinear) for module in model.modules()):
+            raise ConfigError("the model is deployed already (it has NMLinear layers and no other N:M layer)")
         raise ConfigError("no nn.Linear/Conv1D weight of the model is N:M; finalize() a sparsified model first")
 
     if loaded:
