@@ -7,7 +7,8 @@
 // The AVX-512 path (F, BW, VL, VBMI; compiled when the compiler targets such a CPU, -march=native) computes 16
 // rows at once: for each group of M inputs (M <= 32) it loads those inputs once per batch row, and for each of
 // the N kept slots decodes the 16 positions (a byte permute, a shift, a mask), loads the 16 values and picks the
-// 16 inputs with one register permute, then FMAs: no gathers, so a batch-1 product runs at memory speed. The
+// 16 inputs with one register permute, then FMAs: no gathers, so a batch-1 product runs at memory speed. With
+// AVX512-BF16, bf16 layers (M <= 16) take two kept entries per dot-product instruction instead. The
 // portable path (other CPUs, M > 32, the last out % 16 rows, and impl=1 for the tests) decodes 256 entries of a
 // row into buffers and leaves the loops to the compiler's vectoriser: it gathers from x for few batch rows, and
 // for many scales contiguous runs of x^T. Both accumulate in fp32 and thread over rows with at::parallel_for.
