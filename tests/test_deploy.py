@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import nmflow
 from nmflow.deploy import BACKENDS, NMLinear, dispatch, kernel
 
-deploy_pkg = sys.modules["nmflow.deploy"]  # `nmflow.deploy` is the function; the package is here
+deploy_pkg = sys.modules["nmflow.deploy"]
 
 PATTERNS = ((1, 2), (2, 4), (1, 4), (1, 8), (3, 8), (1, 16), (2, 16), (1, 32), (4, 64))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -286,3 +286,12 @@ def test_an_input_that_needs_a_gradient_gets_the_right_one():
     reference = x.detach().clone().requires_grad_()
     (reference @ weight.t()).pow(2).sum().backward()
     torch.testing.assert_close(x.grad, reference.grad)
+
+
+def test_nmflow_deploy_is_the_function_and_the_package():
+    import nmflow.deploy.kernel as kernel_module
+
+    assert nmflow.deploy is deploy_pkg and nmflow.deploy.kernel is kernel_module is kernel
+    holder = nn.Sequential(nn.Linear(32, 8, bias=False))
+    holder[0].weight.data = random_nm(8, 32, 1, 8)
+    assert [row.pattern for row in nmflow.deploy(holder, verbose=False)] == ["1:8"]

@@ -14,7 +14,7 @@ from nmflow.core.masks import NMPattern, is_nm, nm_mask, realized_n
 from nmflow.core.recipes import METHODS, ROLES, Recipe
 from nmflow.core.schedules import Phase
 from nmflow.core.sparsifier import Sparsifier, SparsityStatus, sparsify
-from nmflow.deploy import NMLinear, deploy, undeploy
+from nmflow.deploy import NMLinear, undeploy  # nmflow.deploy, the package, is callable: deploy(model)
 
 __version__ = "0.2.0"
 

@@ -11,8 +11,11 @@ registry), :mod:`~nmflow.deploy.dispatch` (``auto``), :mod:`~nmflow.deploy.kerne
 from __future__ import annotations
 
 import os
+import sys
+import types
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -156,3 +159,14 @@ def format_table(table: list[DeployedLayer]) -> str:
     before, after = sum(r.bytes_before for r in table), sum(r.bytes_after for r in table)
     lines.append(f"{len(table)} layers deployed: {before:,} -> {after:,} bytes ({after / max(before, 1):.1%})")
     return "\n".join(lines)
+
+
+class _CallableModule(types.ModuleType):
+    """``nmflow.deploy`` is this package and the function at once: ``nmflow.deploy(model)`` calls :func:`deploy`,
+    while ``nmflow.deploy.kernel`` and ``import nmflow.deploy.dispatch`` still reach the submodules."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[DeployedLayer]:
+        return deploy(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
