@@ -8,7 +8,8 @@
 // rows at once: for each group of M inputs (M <= 32) it loads those inputs once per batch row, and for each of
 // the N kept slots decodes the 16 positions (a byte permute, a shift, a mask), loads the 16 values and picks the
 // 16 inputs with one register permute, then FMAs: no gathers, so a batch-1 product runs at memory speed. With
-// AVX512-BF16, bf16 layers (M <= 16) take two kept entries per dot-product instruction instead. The
+// AVX512-BF16, bf16 layers (M <= 16) take two kept entries per dot-product instruction instead. An AVX2 version
+// (M <= 16) serves CPUs without AVX-512. The
 // portable path (other CPUs, M > 32, the last out % 16 rows, and impl=1 for the tests) decodes 256 entries of a
 // row into buffers and leaves the loops to the compiler's vectoriser: it gathers from x for few batch rows, and
 // for many scales contiguous runs of x^T. Both accumulate in fp32 and thread over rows with at::parallel_for.
@@ -18,11 +19,15 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VBMI__)
 #define NM_AVX512 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define NM_AVX2 1
 #include <immintrin.h>
 #endif
 
@@ -115,6 +120,7 @@ void large_portable(const Layout& L, const T* vals, const float* xt, int64_t B, 
 // ---------------------------------------------------------------- AVX-512
 #ifdef NM_AVX512
 constexpr bool kSimd = true;
+constexpr int64_t kSimdMaxM = 32;
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16* p) {
@@ -257,8 +263,82 @@ constexpr bool kBf16Dot = false;
 void blocks_bf16(const Layout&, const at::BFloat16*, const at::BFloat16*, int64_t, int64_t, float*, const float*,
                  int64_t, int64_t) {}
 #endif
+#elif defined(NM_AVX2)
+// AVX2 (most laptops): the same row blocks as two 8-lane halves, M <= 16: the 16 inputs of a group are two
+// registers, each half picks from both with an 8-lane permute and a blend on the position's bit 3. Positions
+// are decoded from one 8-byte load (16 * bits <= 64).
+constexpr bool kSimd = true;
+constexpr int64_t kSimdMaxM = 16;
+constexpr bool kBf16Dot = false;
+void blocks_bf16(const Layout&, const at::BFloat16*, const at::BFloat16*, int64_t, int64_t, float*, const float*,
+                 int64_t, int64_t) {}
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+inline void decode16_avx2(const Layout& L, int64_t entry, int32_t* pos) {
+  const int64_t byte0 = entry * 2 * L.bits, avail = L.idx_bytes - byte0;
+  uint64_t word = 0;
+  std::memcpy(&word, L.idx + byte0, size_t(std::min<int64_t>(8, avail)));
+  const uint64_t mask = (uint64_t(1) << L.bits) - 1;
+  for (int lane = 0; lane < 16; ++lane) pos[lane] = int32_t((word >> (lane * L.bits)) & mask);
+}
+
+template <typename T, int NB>
+void blocks_avx2(const Layout& L, const T* vals, const float* x, int64_t xs, float* y, const float* bias,
+                 int64_t blk0, int64_t blk1) {
+  alignas(32) int32_t pos[16];
+  const int64_t groups = L.k / L.n;
+  const __m256i seven = _mm256_set1_epi32(7);
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    __m256 acc[NB][2];
+    for (int b = 0; b < NB; ++b) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
+    int64_t entry = blk * L.k;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 lo[NB], hi[NB];
+      for (int b = 0; b < NB; ++b) {
+        lo[b] = _mm256_loadu_ps(x + b * xs + g * L.m);
+        hi[b] = _mm256_loadu_ps(x + b * xs + g * L.m + 8);
+      }
+      for (int64_t s = 0; s < L.n; ++s, ++entry) {
+        decode16_avx2(L, entry, pos);
+        for (int half = 0; half < 2; ++half) {
+          const __m256i p = _mm256_load_si256(reinterpret_cast<const __m256i*>(pos + 8 * half));
+          const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(p, seven));
+          const __m256 v = load8(vals + entry * 16 + 8 * half);
+          for (int b = 0; b < NB; ++b) {
+            const __m256 picked = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo[b], p),
+                                                   _mm256_permutevar8x32_ps(hi[b], p), upper);
+            acc[b][half] = _mm256_fmadd_ps(v, picked, acc[b][half]);
+          }
+        }
+      }
+    }
+    for (int half = 0; half < 2; ++half) {
+      const __m256 b8 = bias ? _mm256_loadu_ps(bias + blk * 16 + 8 * half) : _mm256_setzero_ps();
+      for (int b = 0; b < NB; ++b) _mm256_storeu_ps(y + b * L.out + blk * 16 + 8 * half, _mm256_add_ps(acc[b][half], b8));
+    }
+  }
+}
+
+template <typename T, bool WIDE>
+void blocks_simd(const Layout& L, const T* vals, const float* x, int64_t xs, int64_t B, float* y, const float* bias,
+                 int64_t blk0, int64_t blk1) {
+  for (int64_t b0 = 0; b0 < B; b0 += 2) {
+    if (B - b0 >= 2) {
+      blocks_avx2<T, 2>(L, vals, x + b0 * xs, xs, y + b0 * L.out, bias, blk0, blk1);
+    } else {
+      blocks_avx2<T, 1>(L, vals, x + b0 * xs, xs, y + b0 * L.out, bias, blk0, blk1);
+    }
+  }
+}
 #else
 constexpr bool kSimd = false;
+constexpr int64_t kSimdMaxM = 0;
 constexpr bool kBf16Dot = false;
 void blocks_bf16(const Layout&, const at::BFloat16*, const at::BFloat16*, int64_t, int64_t, float*, const float*,
                  int64_t, int64_t) {}
@@ -326,7 +406,7 @@ void linear_rows(const Layout& L, const T* vals, const at::Tensor& x, const floa
       first_portable = L.blocks * 16;
     }
   }
-  if (kSimd && !portable && L.m <= 32 && first_portable == 0) {
+  if (kSimd && !portable && L.m <= kSimdMaxM && first_portable == 0) {
     first_portable = L.blocks * 16;
     at::parallel_for(0, L.blocks, grain(L, L.blocks, 16 * B), [&](int64_t b0, int64_t b1) {
       L.m == 32 ? blocks_simd<T, true>(L, vals, xp, xs, B, y, bias, b0, b1)
