@@ -231,7 +231,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, nmflow kernel: "
-        f"{'AVX-512' if kernel.simd() else 'portable' if kernel.available() else kernel.unavailable_reason()}"
+        f"{kernel.isa() if kernel.available() else kernel.unavailable_reason()}"
     )
     if args.part in ("layer", "all"):
         layer_rows(args)

@@ -25,6 +25,7 @@ EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11
 def built_kernel():
     """Build (or load torch's cached build of) the kernel once for the file; these tests need it."""
     assert kernel.available(), kernel.unavailable_reason()
+    assert kernel.isa() in ("avx512-bf16", "avx512", "avx2", "portable")
 
 
 def random_nm(out_features: int, in_features: int, n: int, m: int, dtype=torch.float32, seed: int = 0):

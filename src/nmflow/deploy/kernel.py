@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "densify", "linear", "simd", "unavailable_reason"]
+__all__ = ["available", "densify", "isa", "linear", "unavailable_reason"]
 
 SOURCE = Path(__file__).parent / "csrc" / "nm_linear.cpp"
 NAME = "nmflow_nm_kernel"
@@ -73,9 +73,9 @@ def unavailable_reason() -> str | None:
     return None if _load() else str(_state["error"])
 
 
-def simd() -> bool:
-    """Whether the loaded kernel was compiled with its AVX-512 path."""
-    return _load() and bool(torch.ops.nmflow_nm.simd())
+def isa() -> str:
+    """The path the loaded kernel was compiled with: "avx512-bf16", "avx512", "avx2" or "portable"."""
+    return str(torch.ops.nmflow_nm.isa()) if _load() else "unavailable"
 
 
 def linear(

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -478,12 +479,11 @@ at::Tensor nm_densify(const at::Tensor& values, const at::Tensor& indices, int64
   return nm_densify_out(values, indices, n, m, bits, dense);
 }
 
-bool has_avx512() {
-#ifdef NM_AVX512
-  return true;
-#else
-  return false;
-#endif
+// Which path the compiler built: "avx512" (+ "-bf16" with the dot-product path), "avx2" or "portable".
+std::string isa() {
+  if (!kSimd) return "portable";
+  if (kSimdMaxM == 16) return "avx2";
+  return kBf16Dot ? "avx512-bf16" : "avx512";
 }
 
 }  // namespace
@@ -493,7 +493,7 @@ TORCH_LIBRARY(nmflow_nm, lib) {
           "int impl) -> Tensor");
   lib.def("densify(Tensor values, Tensor indices, int n, int m, int bits) -> Tensor");
   lib.def("densify_out(Tensor values, Tensor indices, int n, int m, int bits, *, Tensor(a!) out) -> Tensor(a!)");
-  lib.def("simd() -> bool", &has_avx512);
+  lib.def("isa() -> str", &isa);
 }
 
 TORCH_LIBRARY_IMPL(nmflow_nm, CPU, lib) {
