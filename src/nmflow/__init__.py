@@ -1,8 +1,8 @@
 """nmflow: N:M structured-sparse training with progressive gradient flow (arXiv 2402.04744).
 
 Layout: `nmflow.core` (masks, recipes, schedules, targets, the sparsifier; torch only), the library tools beside
-it (`flops`, `diagnostics`, `compressed`, `semi_structured`, `integrations`), and `nmflow.app`, the `nmflow`
-command (needs the `train` extra).
+it (`flops`, `diagnostics`, `compressed`, `semi_structured`, `integrations`, `inference`), and `nmflow.app`, the
+`nmflow` command (needs the `train` extra).
 """
 
 import importlib
@@ -22,6 +22,7 @@ from nmflow.core.plan import Plan, plan
 from nmflow.core.recipes import METHODS, ROLES, Recipe
 from nmflow.core.schedules import Phase
 from nmflow.core.sparsifier import Sparsifier, SparsityStatus, sparsify
+from nmflow.inference import NMLinear, deploy, undeploy
 
 __version__ = "0.2.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "FinalizedError",
+    "NMLinear",
     "NMPattern",
     "NmflowError",
     "NoMatchingTargetError",
@@ -46,6 +48,7 @@ __all__ = [
     "Sparsifier",
     "SparsityStatus",
     "__version__",
+    "deploy",
     "is_nm",
     "load_compressed",
     "nm_mask",
@@ -53,4 +56,5 @@ __all__ = [
     "realized_n",
     "save_compressed",
     "sparsify",
+    "undeploy",
 ]

@@ -48,10 +48,10 @@ FORMAT = "nmflow-nm"
 VERSION = 2
 _UNCHECKED_VERSION = 1  # read, with a warning: it carries no checksums
 _HEADER, _HEADER_CRC = "nmflow", "nmflow.crc32"
-_VALUES, _INDICES, _SIGNS = "::nm.values", "::nm.indices", "::nm.zero_signs"
+VALUES, INDICES, SIGNS = "::nm.values", "::nm.indices", "::nm.zero_signs"  # suffixes of a tensor's stored parts
 _CANDIDATE_M = tuple(2**k for k in range(1, 12))  # 2 .. 2048
-_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in (torch.float64, torch.float32, torch.float16)}
-_DTYPES["bfloat16"] = torch.bfloat16
+DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in (torch.float64, torch.float32, torch.float16)}
+DTYPES["bfloat16"] = torch.bfloat16
 _BIT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16}
 
 
@@ -107,7 +107,7 @@ def choose_pattern(tensor: torch.Tensor, dim: int) -> tuple[int, int] | None:
     non-zero count per group, so the pattern is exact by construction. Signs of dropped ``-0.0`` entries are
     costed whenever the tensor holds any ``-0.0`` (an upper bound: some may end up kept as padding).
     """
-    if tensor.dtype not in _DTYPES.values() or tensor.dim() == 0 or tensor.numel() == 0:
+    if tensor.dtype not in DTYPES.values() or tensor.dim() == 0 or tensor.numel() == 0:
         return None
     size, itemsize = tensor.shape[dim], tensor.element_size()
     has_negative_zero = bool(_negative_zeros(tensor).any())
@@ -124,19 +124,19 @@ def choose_pattern(tensor: torch.Tensor, dim: int) -> tuple[int, int] | None:
 
 
 # ------------------------------------------------------------------ encode / decode one tensor
-def _encode(tensor: torch.Tensor, n: int, m: int, dim: int) -> tuple[dict[str, torch.Tensor], dict]:
+def encode(tensor: torch.Tensor, n: int, m: int, dim: int) -> tuple[dict[str, torch.Tensor], dict]:
     groups = _groups(tensor, m, dim)
     # nonzeros first, then zeros, each by position (stable sort); keep the first n, back in position order
     order = torch.sort((groups == 0).to(torch.uint8), dim=-1, stable=True).indices
     kept_positions = order[:, :n].sort(dim=-1).values
     parts = {
-        _VALUES: groups.gather(-1, kept_positions).reshape(-1).clone(),
-        _INDICES: pack_bits(kept_positions.reshape(-1), index_bits(m)),
+        VALUES: groups.gather(-1, kept_positions).reshape(-1).clone(),
+        INDICES: pack_bits(kept_positions.reshape(-1), index_bits(m)),
     }
     dropped = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, kept_positions, False)
     dropped_negative = _negative_zeros(groups)[dropped]
     if bool(dropped_negative.any()):
-        parts[_SIGNS] = pack_bits(dropped_negative, 1)
+        parts[SIGNS] = pack_bits(dropped_negative, 1)
     header = {
         "n": n,
         "m": m,
@@ -144,7 +144,7 @@ def _encode(tensor: torch.Tensor, n: int, m: int, dim: int) -> tuple[dict[str, t
         "shape": list(tensor.shape),
         "dtype": str(tensor.dtype).removeprefix("torch."),
         "index_bits": index_bits(m),
-        "zero_signs": _SIGNS in parts,
+        "zero_signs": SIGNS in parts,
     }
     return parts, header
 
@@ -177,13 +177,13 @@ def _check_entry(name: str, info: object, parts: dict[str, torch.Tensor | None],
         raise bad(f"header pattern {n!r}:{m!r} is not a valid N:M")
     if not (isinstance(dim, int) and 0 <= dim < len(shape) and shape[dim] % m == 0):
         raise bad(f"header dim {dim!r} does not split shape {shape} into groups of {m}")
-    if dtype_name not in _DTYPES:
-        raise bad(f"header dtype {dtype_name!r} is not one of {sorted(_DTYPES)}")
+    if dtype_name not in DTYPES:
+        raise bad(f"header dtype {dtype_name!r} is not one of {sorted(DTYPES)}")
     if bits != index_bits(m) or not isinstance(zero_signs, bool):
         raise bad(f"header index_bits {bits!r} / zero_signs {zero_signs!r} do not match {n}:{m}")
     numel = math.prod(shape)
-    kept, dtype = numel // m * n, _DTYPES[dtype_name]
-    values, packed, signs = parts[_VALUES], parts[_INDICES], parts[_SIGNS]
+    kept, dtype = numel // m * n, DTYPES[dtype_name]
+    values, packed, signs = parts[VALUES], parts[INDICES], parts[SIGNS]
     if values is None or packed is None or (signs is None) == zero_signs:
         raise bad("the stored parts do not match the header (a part is missing or unexpected)")
     if values.dtype != dtype or values.shape != (kept,):
@@ -197,12 +197,12 @@ def _check_entry(name: str, info: object, parts: dict[str, torch.Tensor | None],
     return _Entry(n, m, dim, shape, dtype, bits)
 
 
-def _decode(name: str, info: dict, parts: dict[str, torch.Tensor | None], where: str) -> torch.Tensor:
+def decode(name: str, info: dict, parts: dict[str, torch.Tensor | None], where: str) -> torch.Tensor:
     """Rebuild one tensor, checking every part against the header and every index against M first."""
     n, m, dim, shape, dtype, bits = _check_entry(name, info, parts, where)
     numel = math.prod(shape)
     kept = numel // m * n
-    values, packed, signs = parts[_VALUES], parts[_INDICES], parts[_SIGNS]
+    values, packed, signs = parts[VALUES], parts[INDICES], parts[SIGNS]
     positions = unpack_bits(packed, bits, kept).reshape(-1, n)
     if kept and (int(positions.max()) >= m or bool((positions.diff(dim=-1) <= 0).any())):
         raise ConfigError(f"{where}: tensor {name!r}: index blob holds positions out of range or out of order")
@@ -241,7 +241,7 @@ def save_compressed(
     for name, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise ConfigError(f"state_dict entry {name!r} is a {type(value).__name__}, not a tensor")
-        if name.endswith((_VALUES, _INDICES, _SIGNS)):
+        if name.endswith((VALUES, INDICES, SIGNS)):
             raise ConfigError(f"state_dict key {name!r} ends with a suffix this format reserves")
     for name, dim in (layouts or {}).items():
         if name not in state:
@@ -261,7 +261,7 @@ def save_compressed(
             tensors[name] = value.clone() if shared else value.contiguous()  # safetensors refuses shared memory
             continue
         n, m = pattern
-        parts, header[name] = _encode(value, n, m, dim % value.dim())
+        parts, header[name] = encode(value, n, m, dim % value.dim())
         tensors.update({name + suffix: part for suffix, part in parts.items()})
         chosen[name] = f"{n}:{m}"
     text = json.dumps(
@@ -342,9 +342,9 @@ def _check_stored(path: str, header: dict, stored: dict[str, torch.Tensor]) -> N
     order, infos = header["order"], header["tensors"]
     expected_keys = {name for name in order if name not in infos}
     for name, info in infos.items():
-        expected_keys |= {name + _VALUES, name + _INDICES}
+        expected_keys |= {name + VALUES, name + INDICES}
         if isinstance(info, dict) and info.get("zero_signs"):
-            expected_keys.add(name + _SIGNS)
+            expected_keys.add(name + SIGNS)
     if expected_keys != set(stored):
         missing, extra = sorted(expected_keys - set(stored)), sorted(set(stored) - expected_keys)
         raise ConfigError(f"{path}: stored tensors do not match the header (missing {missing}, unexpected {extra})")
@@ -389,7 +389,7 @@ def read_compressed(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
     header = _parse_header(path, metadata)
     _check_stored(path, header, stored)
     for name, info in header["tensors"].items():
-        _check_entry(name, info, {suffix: stored.get(name + suffix) for suffix in (_VALUES, _INDICES, _SIGNS)}, path)
+        _check_entry(name, info, {suffix: stored.get(name + suffix) for suffix in (VALUES, INDICES, SIGNS)}, path)
     return header, stored
 
 
@@ -404,8 +404,8 @@ def load_compressed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     result = {}
     for name in header["order"]:
         if name in infos:
-            parts = {suffix: stored.get(name + suffix) for suffix in (_VALUES, _INDICES, _SIGNS)}
-            result[name] = _decode(name, infos[name], parts, path)
+            parts = {suffix: stored.get(name + suffix) for suffix in (VALUES, INDICES, SIGNS)}
+            result[name] = decode(name, infos[name], parts, path)
         else:
             result[name] = stored[name]
     return result

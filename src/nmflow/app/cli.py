@@ -4,6 +4,7 @@
     nmflow train --resume DIR      # continue the run in DIR from its newest checkpoint
     nmflow sweep SPEC.yaml --out DIR [--jobs K]   # a grid of runs, several at once (see nmflow.app.sweep)
     nmflow report DIR              # markdown tables and plots of the runs in DIR (see nmflow.app.report)
+    nmflow generate RUN_DIR --prompt TEXT   # text from a language model, dense vs deployed N:M (nmflow.app.generate)
 
 Errors in the input end the command with one line, ``nmflow: error: ...``, and exit status 2.
 """
@@ -40,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_train_command(commands)
     _add_sweep_command(commands)
     _add_report_command(commands)
+    _add_generate_command(commands)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -176,6 +178,19 @@ def _run_report(args: argparse.Namespace) -> int:
     path = write_report(args.runs_dir, args.out)
     print(f"nmflow report: {path}")
     return 0
+
+
+def _add_generate_command(commands: Any) -> None:
+    from nmflow.app.generate import add_arguments
+
+    add_arguments(
+        commands.add_parser(
+            "generate",
+            help="generate text with a finalized language model, dense and deployed N:M, and compare tokens/s",
+            description="Load a language run (or an HF causal LM folder), generate greedily with the dense model, "
+            "deploy it with nmflow.deploy, generate again, and print the text and both speeds.",
+        )
+    )
 
 
 def _role_pattern(text: str) -> tuple[str, str]:
