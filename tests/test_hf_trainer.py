@@ -268,9 +268,13 @@ def _accelerate_worker(output_dir: str) -> None:
 
 
 def test_trainer_under_accelerate_with_two_processes_keeps_ranks_identical(tmp_path):
-    from accelerate import debug_launcher
-
-    debug_launcher(_accelerate_worker, args=(str(tmp_path),), num_processes=2)
+    # debug_launcher forks; a fork of this test process, whose OpenMP pool earlier tests used, can hang in torch's
+    # first parallel op (GNU OpenMP is not fork-safe), so launch from a fresh interpreter
+    launch = (
+        "from accelerate import debug_launcher; import test_hf_trainer as t; "
+        f"debug_launcher(t._accelerate_worker, args=({str(tmp_path)!r},), num_processes=2)"
+    )
+    subprocess.run([sys.executable, "-c", launch], cwd=Path(__file__).parent, check=True, timeout=300)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]  # really two data-parallel processes
     assert [r.pop("timeout") for r in ranks] == [60.0, 60.0]  # a dead peer cannot hang the test
