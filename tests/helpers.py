@@ -1,6 +1,11 @@
-"""Tiny models and an independent N:M count shared by the model-family, compile and DDP tests."""
+"""Tiny models, an independent N:M count and multi-process launching shared by the family, compile and DDP tests."""
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -110,3 +115,21 @@ def write_compressed(path, tensors: dict, header: dict) -> None:
     text = json.dumps({**header, "stored": stored})
     metadata = {"nmflow": text, "nmflow.crc32": str(zlib.crc32(text.encode()))}
     safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rank0_outcome(worker: Callable, args: tuple, out_dir: Path, processes: int = 2) -> str:
+    """Spawn ``worker(rank, *args)`` and return what rank 0 wrote to ``out_dir/rank0.txt``; fails if it hangs."""
+    context = mp.start_processes(worker, args=args, nprocs=processes, join=False)
+    try:
+        context.processes[0].join(timeout=120)  # far beyond the tests' 5 s timeouts: only a hang gets this far
+        assert context.processes[0].exitcode == 0, f"rank 0 hung or crashed (exit code {context.processes[0].exitcode})"
+    finally:
+        for process in context.processes:
+            process.kill()
+    return (Path(out_dir) / "rank0.txt").read_text()

@@ -1,7 +1,6 @@
 """Sparsified models under torch.compile (same numbers as eager, few recompiles) and under 2-process DDP."""
 
 import copy
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import TimmStyleMlp, TimmStyleViT, nonzeros_per_group
+from helpers import TimmStyleMlp, TimmStyleViT, free_port, nonzeros_per_group
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
@@ -128,12 +127,6 @@ WORLD_SIZE = 2
 DDP_STEPS = 6
 DDP_SPARSITY = {"ff": "1:4", "qk": "2:4"}
 DDP_TARGETS = ("blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ddp_worker(rank: int, port: int, method: str, out_dir: str) -> None:

@@ -9,7 +9,6 @@ average still adds exactly ``lambda * W`` once.
 import os
 import re
 import signal
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import TimmStyleViT, nonzeros_per_group
+from helpers import TimmStyleViT, free_port, nonzeros_per_group, rank0_outcome
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -36,12 +35,6 @@ TARGETS = tuple(f"blocks.{i}.{layer}" for i in range(2) for layer in ("attn.qkv"
 TOLERANCE = {"rtol": 1e-6, "atol": 1e-6}
 # every rendezvous and collective gives up after this, so a dead or stuck peer fails a test instead of hanging it
 PEER_TIMEOUT = timedelta(seconds=60)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -384,14 +377,5 @@ FATES = {  # what rank 1 does -> what rank 0's error must say
 
 @pytest.mark.parametrize("fate", FATES)
 def test_a_missing_dead_or_stuck_peer_fails_the_other_rank_with_a_clear_error(fate, tmp_path):
-    context = mp.start_processes(
-        abandoned_worker, args=(free_port(), fate, str(tmp_path)), nprocs=WORLD_SIZE, join=False
-    )
-    try:
-        context.processes[0].join(timeout=120)  # far beyond the 5 s timeout: only a hang gets this far
-        assert context.processes[0].exitcode == 0, f"rank 0 hung or crashed (exit code {context.processes[0].exitcode})"
-    finally:
-        for process in context.processes:
-            process.kill()
-    outcome = (tmp_path / "rank0.txt").read_text()
+    outcome = rank0_outcome(abandoned_worker, (free_port(), fate, str(tmp_path)), tmp_path, WORLD_SIZE)
     assert re.search(FATES[fate], outcome), outcome

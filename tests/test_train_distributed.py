@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port, rank0_outcome
 from safetensors.torch import load_file
 
 from nmflow.app.cli import main
@@ -30,12 +30,6 @@ RUN_FLAGS += ["--save-every", str(SAVE_EVERY), "--seed", "3"]
 # Adam normalizes each update, so rounding differences of the averaged gradients (~1e-7) grow over the steps:
 # 1e-5 was measured after 30 steps.
 WEIGHT_TOLERANCE = {"rtol": 0.0, "atol": 1e-4}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
@@ -142,16 +136,7 @@ def peer_worker(rank: int, port: int, fate: str, out_dir: str) -> None:
     ],
 )
 def test_a_train_process_whose_peer_died_fails_with_a_clear_error(fate, message, tmp_path, monkeypatch):
-    import torch.multiprocessing as mp
-
     monkeypatch.setenv("NMFLOW_PROCESS_GROUP_TIMEOUT", "5")  # read by the spawned processes when they import nmflow
-    context = mp.start_processes(peer_worker, args=(free_port(), fate, str(tmp_path)), nprocs=2, join=False)
-    try:
-        context.processes[0].join(timeout=120)  # far beyond the 5 s timeout: only a hang gets this far
-        assert context.processes[0].exitcode == 0, f"rank 0 hung or crashed (exit code {context.processes[0].exitcode})"
-    finally:
-        for process in context.processes:
-            process.kill()
-    outcome = (tmp_path / "rank0.txt").read_text()
+    outcome = rank0_outcome(peer_worker, (free_port(), fate, str(tmp_path)), tmp_path)
     assert outcome.startswith(message), outcome
     assert "--resume" in outcome or fate == "absent"
