@@ -52,6 +52,7 @@ def parse_args() -> argparse.Namespace:
         help="backends to time (and auto; auto-copies: auto with deploy(dense_copies=True))",
     )
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds per row (median)")
+    parser.add_argument("--sweep", type=int, default=8, help="consecutive calls (on successive copies) per timing")
     parser.add_argument("--cache-mb", type=int, default=96, help="cycle copies until they exceed this many MB")
     parser.add_argument("--new-tokens", type=int, default=64, help="e2e: greedy tokens generated")
     parser.add_argument("--prefill", type=int, default=512, help="e2e: prompt length of the prefill timing")
@@ -60,21 +61,26 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a smoke test in well under a minute")
     args = parser.parse_args()
     if args.quick:
-        args.shapes, args.batches, args.repeats, args.cache_mb = ["1024x1024"], [1, 8], 3, 16
+        args.shapes, args.batches, args.repeats, args.cache_mb, args.sweep = ["1024x1024"], [1, 8], 3, 16, 2
         args.new_tokens, args.prefill, args.layers = 8, 64, 1
     return args
 
 
-def median_ms(candidates: dict[str, Callable[[int], object]], copies: int, repeats: int) -> dict[str, float]:
-    """Median of ``repeats`` round-robin rounds; each round uses the next copy of the weights."""
+def median_ms(
+    candidates: dict[str, Callable[[int], object]], copies: int, repeats: int, sweep: int
+) -> dict[str, float]:
+    """Median ms per call over ``repeats`` rounds. In a round each candidate in turn makes ``sweep`` consecutive
+    calls on successive copies of the weights, as a model runs its layers one after another; a single call timed
+    right after another candidate's would also pay for the caches that call left full of dirty lines."""
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for run in candidates.values():
         run(0)
     for r in range(repeats):
         for name, run in candidates.items():
             start = time.perf_counter()
-            run((r + 1) % copies)
-            times[name].append((time.perf_counter() - start) * 1e3)
+            for c in range(sweep):
+                run(r * sweep + c + 1)
+            times[name].append((time.perf_counter() - start) * 1e3 / sweep)
     return {name: statistics.median(samples) for name, samples in times.items()}
 
 
@@ -103,7 +109,10 @@ def layer_copies(shape: tuple[int, int], n: int, m: int, dtype: torch.dtype, cac
 
 def layer_rows(args: argparse.Namespace) -> None:
     names = [b for b in args.backends if b in ("auto", "auto-copies") or b in BACKENDS]
-    print(f"\n(a) layers: ms per call (x dense), median of {args.repeats}; weights cycled over > {args.cache_mb} MB")
+    print(
+        f"\n(a) layers: ms per call (x dense), median of {args.repeats} rounds of {args.sweep} consecutive calls; "
+        f"weights cycled over > {args.cache_mb} MB"
+    )
     print("| shape | dtype | N:M | batch | dense F.linear ms | " + " | ".join(names) + " | byte limit |")
     print("|---|---|---|---|---|" + "---|" * len(names) + "---|")
     for shape_text in args.shapes:
@@ -124,7 +133,7 @@ def layer_rows(args: argparse.Namespace) -> None:
                         runs[name] = _runner(with_copies if name == "auto-copies" else layers, name, x)
                     runs = {k: v for k, v in runs.items() if v is not None}
                     with torch.inference_mode():
-                        ms = median_ms(runs, len(layers), args.repeats)
+                        ms = median_ms(runs, len(layers), args.repeats, args.sweep)
                     cells = [
                         f"{ms[name]:.2f} ({ms['F.linear'] / ms[name]:.2f}x)" if name in ms else "-" for name in names
                     ]
