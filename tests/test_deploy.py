@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import nmflow
 import nmflow.inference as inference
+from nmflow import compressed
 from nmflow.inference import BACKENDS, NMLinear, dispatch, kernel
 
 PATTERNS = ((1, 2), (2, 4), (1, 4), (1, 8), (3, 8), (1, 16), (2, 16), (1, 32), (4, 64))
@@ -89,6 +90,35 @@ def test_kernel_splits_rows_over_threads():
     torch.set_num_threads(2)  # the autouse fixture restores it
     for rows in (x[:1], x[:3], x):
         check_close(layer(rows), rows, weight, None)
+
+
+@pytest.mark.parametrize("batch", [31, 32, 33, 128, 129, 300])
+def test_2_4_bf16_batches_match_the_dense_product(batch):
+    """From 32 rows a 2:4 bf16 layer runs with batch rows as the vector lanes, up to 128 at a time."""
+    weight, bias = random_nm(85, 96, 2, 4, torch.bfloat16, seed=batch), torch.randn(85).to(torch.bfloat16)
+    layer = layer_from(weight.clone(), bias.clone(), "nm")
+    torch.set_num_threads(2)  # the autouse fixture restores it
+    x = torch.randn(batch, 96).to(torch.bfloat16)
+    with torch.no_grad():
+        check_close(layer(x), x, weight, bias)
+
+
+def test_positions_out_of_order_in_a_group_still_give_the_right_product():
+    """No nmflow file has them, but a layer built from such parts must not take the path that assumes order."""
+    weight = random_nm(48, 64, 2, 4, torch.bfloat16, seed=3)
+    parts = layer_from(weight.clone(), None, "nm").file_parts()
+    values = parts[compressed.VALUES].reshape(48, 32).clone()
+    positions = compressed.unpack_bits(parts[compressed.INDICES], 2, values.numel()).reshape(48, 32)
+    for row, entry in ((5, 6), (40, 30)):  # swap the two kept entries of a group: the same weight
+        values[row, [entry, entry + 1]] = values[row, [entry + 1, entry]]
+        positions[row, [entry, entry + 1]] = positions[row, [entry + 1, entry]]
+    assert bool((positions[5, 6] > positions[5, 7]) & (positions[40, 30] > positions[40, 31]))
+    swapped_parts = {compressed.VALUES: values.reshape(-1), compressed.INDICES: compressed.pack_bits(positions, 2)}
+    info = {"n": 2, "m": 4, "dim": 1, "shape": [48, 64], "index_bits": 2}
+    layer = NMLinear(swapped_parts, info, None, backend="nm")
+    x = torch.randn(64, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        check_close(layer(x), x, weight, None)
 
 
 def tiny_llama() -> nn.Module:

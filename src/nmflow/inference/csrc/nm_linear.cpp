@@ -8,9 +8,9 @@
 // rows at once: for each group of M inputs (M <= 32) it loads those inputs once per batch row, and for each of
 // the N kept slots decodes the 16 positions (a byte permute, a shift, a mask), loads the 16 values and picks the
 // 16 inputs with one register permute, then FMAs: no gathers, so a batch-1 product runs at memory speed. With
-// AVX512-BF16, bf16 layers (M <= 16) take two kept entries per dot-product instruction instead. An AVX2 version
-// (M <= 16) serves CPUs without AVX-512. The
-// portable path (other CPUs, M > 32, the last out % 16 rows, and impl=1 for the tests) decodes 256 entries of a
+// AVX512-BF16, bf16 layers (M <= 16) take two kept entries per dot-product instruction instead, and 2:4 bf16 layers
+// from 32 batch rows turn the lanes around (batch rows, not output rows; see pairs_bf16). An AVX2 version
+// (M <= 16) serves CPUs without AVX-512. The portable path (other CPUs, M > 32, the last out % 16 rows, and impl=1 for the tests) decodes 256 entries of a
 // row into buffers and leaves the loops to the compiler's vectoriser: it gathers from x for few batch rows, and
 // for many scales contiguous runs of x^T. Both accumulate in fp32 and thread over rows with at::parallel_for.
 #include <ATen/ATen.h>
@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -259,6 +260,130 @@ void blocks_bf16(const Layout& L, const at::BFloat16* vals, const at::BFloat16* 
     }
   }
 }
+
+// 2:4 in bf16 for many batch rows: the lanes are batch rows, not output rows, so no per-row permute. For each
+// group g of 4 inputs and each pair (a, b) of its positions, a < b, `pairs` holds for every batch lane the inputs
+// x[4g + a] and x[4g + b] side by side; output row r then takes one dot-product instruction per 16 lanes, its two
+// kept values broadcast against the pair its two positions name: one load and one instruction per 32 multiply-adds,
+// about twice dense GEMM's rate at half its work. The table is built once per call for up to 128 batch rows (the
+// lanes); rows run in tiles of groups whose part of the table fits in L1, kPairBlocks row blocks at a time.
+constexpr int64_t kPairMaxLanes = 128, kPairBlocks = 4;
+constexpr int kPairSlots = 6;  // (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
+
+// pairs[(g * 6 + slot) * lanes + l] for batch rows 0 .. rows of x ([B, in], xs apart); lanes past rows are zero.
+void build_pairs(const at::BFloat16* x, int64_t xs, int64_t rows, int64_t groups, int64_t lanes, uint32_t* pairs) {
+  static constexpr int kA[kPairSlots] = {0, 0, 0, 1, 1, 2}, kB[kPairSlots] = {1, 2, 3, 2, 3, 3};
+  at::parallel_for(0, groups, 256, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      uint32_t* out = pairs + g * kPairSlots * lanes;
+      for (int64_t l = 0; l < lanes; ++l) {
+        uint16_t in[4] = {0, 0, 0, 0};
+        if (l < rows) std::memcpy(in, x + l * xs + 4 * g, sizeof(in));
+        for (int s = 0; s < kPairSlots; ++s) out[s * lanes + l] = uint32_t(in[kA[s]]) | uint32_t(in[kB[s]]) << 16;
+      }
+    }
+  });
+}
+
+// Row blocks [blk0, blk1) for the C * 16 lanes of `pairs`, into y (rows of L.out floats, `rows` of them). R rows
+// at a time, so that R * C sums are in flight. Returns false, computing nothing more, at a block whose two
+// positions in a group are not increasing (never the case for weights nmflow wrote).
+template <int C, int R>
+bool blocks_pairs(const Layout& L, const at::BFloat16* vals, const uint32_t* pairs, int64_t rows, float* y,
+                  const float* bias, int64_t blk0, int64_t blk1) {
+  constexpr int64_t lanes = C * 16, tile_groups = std::max<int64_t>(8, 128 / C);  // 24-32 KB of the table
+  const Decoder decode(L.bits);
+  const int64_t groups = L.k / 2;
+  alignas(64) static constexpr int32_t kSlotOf[16] = {-1, 0, 1, 2, -1, -1, 3, 4, -1, -1, -1, 5, -1, -1, -1, -1};
+  const __m512i slot_of = _mm512_load_si512(kSlotOf);  // [4a + b] -> slot
+  alignas(64) int16_t interleave[32];
+  for (int w = 0; w < 32; ++w) interleave[w] = int16_t((w & 1) * 16 + (w >> 1));
+  const __m512i pair_order = _mm512_load_si512(interleave);
+  alignas(64) int32_t offset[tile_groups][16];  // of row r's pair in the table, per group of the tile
+  alignas(64) int32_t weights[tile_groups][16];  // row r's two kept values, per group of the tile
+  // torch's CPU allocator aligns to 64 bytes, so no vector load splits a cache line
+  const at::Tensor sums_buffer = at::empty({kPairBlocks * 16 * lanes}, at::TensorOptions().dtype(at::kFloat));
+  float* const sums = sums_buffer.data_ptr<float>();
+  for (int64_t s0 = blk0; s0 < blk1; s0 += kPairBlocks) {
+    const int64_t s1 = std::min(blk1, s0 + kPairBlocks);
+    std::fill(sums, sums + kPairBlocks * 16 * lanes, 0.f);
+    for (int64_t g0 = 0; g0 < groups; g0 += tile_groups) {
+      const int64_t tile = std::min(tile_groups, groups - g0);
+      for (int64_t blk = s0; blk < s1; ++blk) {
+        __mmask16 bad = 0;
+        for (int64_t t = 0; t < tile; ++t) {
+          const int64_t entry = blk * L.k + 2 * (g0 + t);
+          const __m512i a = decode(L, entry), b = decode(L, entry + 1);
+          bad |= _mm512_cmpge_epu32_mask(a, b);
+          const __m512i slot = _mm512_permutexvar_epi32(_mm512_add_epi32(_mm512_slli_epi32(a, 2), b), slot_of);
+          const __m512i row_offset = _mm512_mullo_epi32(
+              _mm512_add_epi32(slot, _mm512_set1_epi32(int32_t((g0 + t) * kPairSlots))), _mm512_set1_epi32(lanes));
+          _mm512_store_si512(offset[t], row_offset);
+          _mm512_store_si512(weights[t], _mm512_permutexvar_epi16(pair_order, _mm512_loadu_si512(vals + entry * 16)));
+        }
+        if (bad) return false;
+        float* block_sums = sums + (blk - s0) * 16 * lanes;
+        for (int r0 = 0; r0 < 16; r0 += R) {
+          __m512 acc[R][C];
+          for (int i = 0; i < R; ++i)
+            for (int c = 0; c < C; ++c) acc[i][c] = _mm512_load_ps(block_sums + (r0 + i) * lanes + c * 16);
+          for (int64_t t = 0; t < tile; ++t) {
+            for (int i = 0; i < R; ++i) {
+              const __m512bh w = (__m512bh)_mm512_set1_epi32(weights[t][r0 + i]);
+              const uint32_t* pair = pairs + offset[t][r0 + i];
+              for (int c = 0; c < C; ++c)
+                acc[i][c] = _mm512_dpbf16_ps(acc[i][c], w, (__m512bh)_mm512_load_si512(pair + c * 16));
+            }
+          }
+          for (int i = 0; i < R; ++i)
+            for (int c = 0; c < C; ++c) _mm512_store_ps(block_sums + (r0 + i) * lanes + c * 16, acc[i][c]);
+        }
+      }
+    }
+    for (int64_t blk = s0; blk < s1; ++blk) {  // lanes x 16 rows back into y's [batch, out] order
+      const float* block_sums = sums + (blk - s0) * 16 * lanes;
+      for (int64_t l = 0; l < rows; ++l) {
+        for (int r = 0; r < 16; ++r) {
+          const int64_t row = blk * 16 + r;
+          y[l * L.out + row] = block_sums[r * lanes + l] + (bias ? bias[row] : 0.f);
+        }
+      }
+    }
+  }
+  return true;
+}
+
+// The full row blocks of a 2:4 bf16 layer for B batch rows, 128 at a time; false if positions are not increasing.
+bool pairs_bf16(const Layout& L, const at::BFloat16* vals, const at::BFloat16* x, int64_t xs, int64_t B, float* y,
+                const float* bias, int64_t min_blocks) {
+  const int64_t groups = L.in / 4;
+  const int64_t most = std::min(kPairMaxLanes, (B + 15) / 16 * 16);
+  const at::Tensor buffer = at::empty({groups * kPairSlots * most}, at::TensorOptions().dtype(at::kInt));
+  uint32_t* const pairs = reinterpret_cast<uint32_t*>(buffer.data_ptr<int32_t>());
+  for (int64_t b0 = 0; b0 < B; b0 += kPairMaxLanes) {
+    const int64_t rows = std::min(kPairMaxLanes, B - b0), chunks = (rows + 15) / 16;
+    build_pairs(x + b0 * xs, xs, rows, groups, chunks * 16, pairs);
+    std::atomic<bool> ok{true};
+    at::parallel_for(0, L.blocks, min_blocks, [&](int64_t blk0, int64_t blk1) {
+      float* yb = y + b0 * L.out;
+      bool done = false;
+      switch (chunks) {
+        case 1: done = blocks_pairs<1, 8>(L, vals, pairs, rows, yb, bias, blk0, blk1); break;
+        case 2: done = blocks_pairs<2, 4>(L, vals, pairs, rows, yb, bias, blk0, blk1); break;
+        case 3: done = blocks_pairs<3, 2>(L, vals, pairs, rows, yb, bias, blk0, blk1); break;
+        case 4: done = blocks_pairs<4, 2>(L, vals, pairs, rows, yb, bias, blk0, blk1); break;
+        case 5: done = blocks_pairs<5, 1>(L, vals, pairs, rows, yb, bias, blk0, blk1); break;
+        case 6: done = blocks_pairs<6, 1>(L, vals, pairs, rows, yb, bias, blk0, blk1); break;
+        case 7: done = blocks_pairs<7, 1>(L, vals, pairs, rows, yb, bias, blk0, blk1); break;
+        default: done = blocks_pairs<8, 1>(L, vals, pairs, rows, yb, bias, blk0, blk1); break;
+      }
+      if (!done) ok = false;
+    });
+    if (!ok) return false;
+  }
+  return true;
+}
+
 #else
 constexpr bool kBf16Dot = false;
 void blocks_bf16(const Layout&, const at::BFloat16*, const at::BFloat16*, int64_t, int64_t, float*, const float*,
@@ -347,6 +472,13 @@ template <typename T, bool WIDE>
 void blocks_simd(const Layout&, const T*, const float*, int64_t, int64_t, float*, const float*, int64_t, int64_t) {}
 #endif
 
+#if !defined(NM_AVX512) || !defined(__AVX512BF16__)
+bool pairs_bf16(const Layout&, const at::BFloat16*, const at::BFloat16*, int64_t, int64_t, float*, const float*,
+                int64_t) {
+  return false;
+}
+#endif
+
 // ---------------------------------------------------------------- operators
 Layout make_layout(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& base, int64_t n, int64_t m,
                    int64_t bits) {
@@ -388,25 +520,33 @@ int64_t grain(const Layout& L, int64_t rows, int64_t batch) {
   return std::max<int64_t>({1, rows / (4 * at::get_num_threads()), kMinWork / work_per_row});
 }
 
+// Batch rows from which a 2:4 bf16 layer takes the batch-lanes path (pairs_bf16) instead of the row-lanes one.
+constexpr int64_t kPairsFrom = 32;
+
 template <typename T>
 void linear_rows(const Layout& L, const T* vals, const at::Tensor& x, const float* bias, float* y, int64_t large_from,
                  bool portable) {
   const int64_t B = x.size(0), xs = L.in + 32;  // x rows padded, so a group's 16 or 32 inputs load whole
-  at::Tensor xf = at::zeros({B, xs}, x.options().dtype(at::kFloat));
-  xf.narrow(1, 0, L.in).copy_(x);
-  const float* xp = xf.data_ptr<float>();
   int64_t first_portable = 0;  // rows from here on take the portable path
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (kBf16Dot && !portable && L.m <= 16 && L.k % 2 == 0 && L.blocks > 0) {
       at::Tensor xh = at::zeros({B, xs}, x.options());
       xh.narrow(1, 0, L.in).copy_(x);
       const at::BFloat16* xhp = xh.data_ptr<at::BFloat16>();
-      at::parallel_for(0, L.blocks, grain(L, L.blocks, 16 * B), [&](int64_t b0, int64_t b1) {
-        blocks_bf16(L, vals, xhp, xs, B, y, bias, b0, b1);
-      });
+      const bool pairs = L.n == 2 && L.m == 4 && B >= kPairsFrom &&
+                         pairs_bf16(L, vals, xhp, xs, B, y, bias, grain(L, L.blocks, 16 * std::min<int64_t>(B, 128)));
+      if (!pairs) {
+        at::parallel_for(0, L.blocks, grain(L, L.blocks, 16 * B), [&](int64_t b0, int64_t b1) {
+          blocks_bf16(L, vals, xhp, xs, B, y, bias, b0, b1);
+        });
+      }
       first_portable = L.blocks * 16;
+      if (first_portable == L.out) return;
     }
   }
+  at::Tensor xf = at::zeros({B, xs}, x.options().dtype(at::kFloat));
+  xf.narrow(1, 0, L.in).copy_(x);
+  const float* xp = xf.data_ptr<float>();
   if (kSimd && !portable && L.m <= kSimdMaxM && first_portable == 0) {
     first_portable = L.blocks * 16;
     at::parallel_for(0, L.blocks, grain(L, L.blocks, 16 * B), [&](int64_t b0, int64_t b1) {
