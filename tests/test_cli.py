@@ -198,6 +198,28 @@ def test_bad_input_exits_2_naming_the_culprit_and_writes_nothing(tmp_path, capsy
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("config_text", "flags", "message", "names_file"),
+    [
+        ("lr_rate: 0.01\n", [], "unknown config key 'lr_rate'; known keys: task, data", True),
+        ("steps: ten\n", [], "steps must be a whole number, got 'ten'", True),
+        ("method: dgf\n", [], "unknown method 'dgf'", True),
+        ("dense_steps: 50\n", ["--steps", "20"], "dense_steps and finetune_steps must be >= 0", True),  # together
+        ("lr: 0.01\n", ["--steps", "0"], "steps must be >= 1, got 0", False),  # the flag alone is wrong
+        ("steps: 0\n", ["--steps", "0"], "steps must be >= 1, got 0", False),  # the file's value is not used
+    ],
+)
+def test_a_bad_config_file_is_named_and_a_bad_flag_is_not(tmp_path, capsys, config_text, flags, message, names_file):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(config_text)
+    out = tmp_path / "run"
+    status, err = run_cli(["train", "--config", str(config_file), "--out", str(out), *flags], capsys)
+    assert status == 2 and message in err and err.count("\n") == 1
+    prefix = f"nmflow: error: config file {config_file}: " if names_file else "nmflow: error: "
+    assert err.startswith(prefix + message) and (str(config_file) in err) == names_file
+    assert not out.exists()
+
+
 def test_non_empty_output_folder_is_refused_unless_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import nmflow
 import nmflow.inference as inference
 from nmflow import compressed
+from nmflow.core.layouts import weight_input_dims
 from nmflow.inference import BACKENDS, NMLinear, dispatch, kernel
 
 PATTERNS = ((1, 2), (2, 4), (1, 4), (1, 8), (3, 8), (1, 16), (2, 16), (1, 32), (4, 64))
@@ -121,9 +122,14 @@ def test_positions_out_of_order_in_a_group_still_give_the_right_product():
         check_close(layer(x), x, weight, None)
 
 
-def tiny_llama() -> nn.Module:
+def tiny_llama(tie_word_embeddings: bool = False) -> nn.Module:
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie_word_embeddings,
     )
     config.vocab_size = 96
     return transformers.LlamaForCausalLM(config).eval()
@@ -222,6 +228,50 @@ def test_deploy_from_a_checkpoint_never_builds_a_dense_weight(tmp_path):
     ids = torch.randint(0, 96, (1, 9))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, source(ids).logits)
+
+
+def unique_tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, a tensor held under two names counted once."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_deploy_from_a_checkpoint_keeps_tied_weights_tied(name, tmp_path):
+    """The LM head and the input embedding stay one Parameter, as the model declares, not two loaded copies."""
+
+    def meta_model() -> nn.Module:
+        with torch.device("meta"):
+            model = build()
+        if name == "llama":
+            model.model.rotary_emb = type(model.model.rotary_emb)(model.config)  # its buffer is computed, not stored
+        return model
+
+    build = (lambda: tiny_llama(tie_word_embeddings=True)) if name == "llama" else tiny_gpt2
+    source = finalized(build(), SPARSITY[name])
+    assert source.lm_head.weight is source.get_input_embeddings().weight
+    nmflow.save_compressed(source, tmp_path / "m.safetensors")
+    model = meta_model()
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    table = nmflow.deploy(model, checkpoint=tmp_path / "m.safetensors", backend="nm", verbose=False)
+    embedding = model.get_input_embeddings().weight
+    assert model.lm_head.weight is embedding and isinstance(embedding, nn.Parameter) and embedding.requires_grad
+    assert [n for n, p in model.named_parameters(remove_duplicate=False) if p is embedding] == [
+        n for n, p in source.named_parameters(remove_duplicate=False) if p is source.get_input_embeddings().weight
+    ]
+    assert nmflow.deploy(source, backend="nm", verbose=False) == table  # the path without a file
+    assert unique_tensor_bytes(model) == unique_tensor_bytes(source)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, source(ids).logits)
+
+    untied = finalized(build(), SPARSITY[name]).state_dict()
+    untied["lm_head.weight"] = untied["lm_head.weight"] + 1  # a file whose two copies of the tie differ
+    nmflow.save_compressed(untied, tmp_path / "untied.safetensors", layouts=weight_input_dims(build()))
+    model = meta_model()
+    with pytest.raises(nmflow.ConfigError, match="lm_head.weight differ, but they are one tensor in the model"):
+        nmflow.deploy(model, checkpoint=tmp_path / "untied.safetensors", verbose=False)
+    assert model.get_input_embeddings().weight.device.type == "meta"  # refused before the model changed
 
 
 @pytest.fixture

@@ -113,7 +113,7 @@ def _add_train_command(commands: Any) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from nmflow.app.config import TrainConfig, read_config_file, resume_config
+    from nmflow.app.config import TrainConfig, config_from_file, resume_config
     from nmflow.app.train import train
 
     given = vars(args)
@@ -124,10 +124,9 @@ def _run_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume takes the run's own config.yaml; --{refused[0]} cannot be given with it")
         train(resume_config(given["resume"], flags), resume=True)
         return 0
-    values = read_config_file(given["config"]) if "config" in given else {}
     if "sparsity" in flags:
         flags["sparsity"] = _sparsity_mapping(flags["sparsity"])
-    config = TrainConfig.from_dict({**values, **flags})
+    config = config_from_file(given["config"], flags) if "config" in given else TrainConfig.from_dict(flags)
     train(config, overwrite=given.get("overwrite", False))
     return 0
 

@@ -28,7 +28,15 @@ from nmflow.core.recipes import (
     Recipe,
 )
 
-__all__ = ["RECIPE_OPTIONS", "RESUME_OVERRIDES", "TrainConfig", "read_config_file", "resume_config", "write_yaml"]
+__all__ = [
+    "RECIPE_OPTIONS",
+    "RESUME_OVERRIDES",
+    "TrainConfig",
+    "config_from_file",
+    "read_config_file",
+    "resume_config",
+    "write_yaml",
+]
 
 SEED_LIMIT = 2**32  # scikit-learn's random_state takes seeds below 2**32
 
@@ -244,6 +252,31 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
     data.pop("nmflow_version", None)
     return data
+
+
+def config_from_file(path: str | Path, flags: Mapping[str, Any]) -> TrainConfig:
+    """The config of ``nmflow train --config path``: the file's keys, overridden by ``flags``, checked together.
+
+    An error the file takes part in (an unknown key, a bad value, a combination with a flag) names the file, so
+    that people know what to edit; an error the flags raise on their own does not, as it would point at the
+    wrong culprit.
+    """
+    values = read_config_file(path)  # its own errors name the file already
+    try:
+        return TrainConfig.from_dict({**values, **flags})
+    except ConfigError as err:
+        if _raises_alone(flags, str(err)):
+            raise
+        raise ConfigError(f"config file {path}: {err}") from None
+
+
+def _raises_alone(flags: Mapping[str, Any], message: str) -> bool:
+    """Whether ``flags`` without any config file raise ``message``."""
+    try:
+        TrainConfig.from_dict(flags)
+    except ConfigError as err:
+        return str(err) == message
+    return False
 
 
 def _yaml12_loader() -> type:

@@ -22,7 +22,7 @@ from nmflow.core.errors import ConfigError
 from nmflow.inference import dispatch, kernel
 from nmflow.inference.backends import BACKENDS, Backend, register_backend
 from nmflow.inference.nmlinear import NMLinear, is_conv1d
-from nmflow.inference.plan import Planned, plan_from_checkpoint, plan_from_weights
+from nmflow.inference.plan import Planned, plan_from_checkpoint, plan_from_weights, retie
 
 __all__ = ["BACKENDS", "Backend", "DeployedLayer", "NMLinear", "deploy", "format_table", "register_backend", "undeploy"]
 
@@ -102,9 +102,9 @@ def deploy(
         if unknown:
             raise ConfigError(f"layers names {unknown[:3]}, which are not nn.Linear/Conv1D layers of the model")
     if checkpoint is None:
-        planned, loaded = plan_from_weights(modules, layers), {}
+        planned, loaded, ties = plan_from_weights(modules, layers), {}, []
     else:
-        planned, loaded = plan_from_checkpoint(model, modules, checkpoint)
+        planned, loaded, ties = plan_from_checkpoint(model, modules, checkpoint)
     if layers is not None:
         dense = sorted(set(layers) - {p.name for p in planned})
         if dense:
@@ -115,7 +115,8 @@ def deploy(
         raise ConfigError("no nn.Linear/Conv1D weight of the model is N:M; finalize() a sparsified model first")
 
     if loaded:
-        model.load_state_dict(loaded, strict=False, assign=True)
+        model.load_state_dict(loaded, strict=False, assign=True)  # a tie's first key only: see retie
+        retie(model, ties)
     table = [_swap(model, plan, backend, dense_copies) for plan in planned]
     if verbose:
         print(format_table(table))

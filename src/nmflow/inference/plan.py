@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 from torch import nn
@@ -13,7 +15,7 @@ from nmflow import compressed
 from nmflow.core.errors import ConfigError
 from nmflow.inference.nmlinear import is_conv1d
 
-__all__ = ["Planned", "plan_from_checkpoint", "plan_from_weights"]
+__all__ = ["Planned", "plan_from_checkpoint", "plan_from_weights", "retie"]
 
 _PARTS = (compressed.VALUES, compressed.INDICES, compressed.SIGNS)
 
@@ -56,8 +58,14 @@ def plan_from_weights(modules: dict[str, nn.Module], layers: list[str] | None) -
 
 def plan_from_checkpoint(
     model: nn.Module, modules: dict[str, nn.Module], path: str | os.PathLike
-) -> tuple[list[Planned], dict[str, torch.Tensor]]:
-    """The layers stored compressed in ``path`` and the rest of its state, checked against ``model``."""
+) -> tuple[list[Planned], dict[str, torch.Tensor], list[list[str]]]:
+    """The layers stored compressed in ``path``, the rest of its state, and the model's ties, checked against it.
+
+    A tied tensor (one tensor under several state-dict keys, e.g. an LM head and its input embedding) is in the
+    rest once, under its first key; the third item lists each tie's keys, first key first, for :func:`retie`.
+    The file stores a tied tensor under every key (``save_compressed`` writes the state dict), so copies that
+    differ are refused: loading them would leave the model with one of two weights, chosen by key order.
+    """
     header, stored = compressed.read_compressed(path)
     order, infos = header["order"], header["tensors"]
     state = model.state_dict()
@@ -101,7 +109,51 @@ def plan_from_checkpoint(
                 f"{path}: {key} has shape {tuple(rest[key].shape)}, the model's is {tuple(state[key].shape)}: "
                 "is this the checkpoint of another model?"
             )
-    return planned, rest
+    ties = []
+    for keys in _tied_keys(model, state):
+        # a weight deploy swaps for an NMLinear leaves its tie, as it does without a file
+        kept = [key for key in keys if key in rest]
+        for key in kept[1:]:
+            if not _same_bits(rest[kept[0]], rest[key]):
+                raise ConfigError(
+                    f"{path}: {kept[0]} and {key} differ, but they are one tensor in the model (tied): "
+                    "is this the checkpoint of another model?"
+                )
+            del rest[key]
+        if len(kept) > 1:
+            ties.append(kept)
+    return planned, rest, ties
+
+
+def _tied_keys(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """The state-dict keys of each tensor the model holds under more than one name."""
+    keys: dict[int, list[str]] = {}
+    named = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        if name in state:
+            keys.setdefault(id(tensor), []).append(name)
+    return [group for group in keys.values() if len(group) > 1]
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality: -0.0 is not 0.0, and a NaN equals the same NaN."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def retie(model: nn.Module, ties: list[list[str]]) -> None:
+    """Make every key of a tie name the tensor its first key holds (the one ``load_state_dict`` assigned).
+
+    ``load_state_dict(assign=True)`` sets each module attribute it loads on its own, so a tie loaded that way
+    would become separate tensors: double the memory, and a change to one no longer seen in the other.
+    """
+    for first, *others in ties:
+        owner, _, attr = first.rpartition(".")
+        tensor = getattr(model.get_submodule(owner), attr)
+        for key in others:
+            owner, _, attr = key.rpartition(".")
+            setattr(model.get_submodule(owner), attr, tensor)
 
 
 def _check_parts(where: str, out_in: tuple[int, ...], info: dict, parts: dict[str, torch.Tensor], conv1d: bool) -> None:
