@@ -266,8 +266,9 @@ void blocks_bf16(const Layout& L, const at::BFloat16* vals, const at::BFloat16* 
 // x[4g + a] and x[4g + b] side by side; output row r then takes one dot-product instruction per 16 lanes, its two
 // kept values broadcast against the pair its two positions name: one load and one instruction per 32 multiply-adds,
 // about twice dense GEMM's rate at half its work. The table is built once per call for up to 128 batch rows (the
-// lanes); rows run in tiles of groups whose part of the table fits in L1, kPairBlocks row blocks at a time.
-constexpr int64_t kPairMaxLanes = 128, kPairBlocks = 4;
+// lanes); rows run in tiles of groups whose part of the table fits in L1, kPairBlocks row blocks at a time (their
+// sums, up to 128 KB, stay in L2, and the table is read once per 256 rows).
+constexpr int64_t kPairMaxLanes = 128, kPairBlocks = 16;
 constexpr int kPairSlots = 6;  // (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
 
 // pairs[(g * 6 + slot) * lanes + l] for batch rows 0 .. rows of x ([B, in], xs apart); lanes past rows are zero.
