@@ -10,8 +10,8 @@ Candidates are the registered backends that can run the layer, except those that
 a dense copy) while the N:M kernel is available: the dense candidate rebuilds the weight for each call, and its
 measured time includes that rebuild, so it wins only where dense GEMM is faster even so (large batches at low
 sparsity), and the deployed model never holds more than its compressed bytes. ``deploy(dense_copies=True)`` adds
-the kept dense copy as a candidate: where it wins (2:4 in bf16 from about 64 rows, where oneDNN's bf16 GEMM beats
-both the kernel and the rebuild) the layer then holds its dense weight too, built at the first such batch.
+the kept dense copy as a candidate: where it wins (no case on the AVX-512 CPU of docs/benchmarks.md; perhaps 2:4
+on a CPU with AVX2 only) the layer then holds its dense weight too, built at the first such batch.
 Without the kernel (not built) CSR (float32) or a kept dense copy (other dtypes) are the candidates, as the
 fallback in ``deploy`` says.
 """

@@ -8,11 +8,12 @@
 // rows at once: for each group of M inputs (M <= 32) it loads those inputs once per batch row, and for each of
 // the N kept slots decodes the 16 positions (a byte permute, a shift, a mask), loads the 16 values and picks the
 // 16 inputs with one register permute, then FMAs: no gathers, so a batch-1 product runs at memory speed. With
-// AVX512-BF16, bf16 layers (M <= 16) take two kept entries per dot-product instruction instead, and 2:4 bf16 layers
-// from 32 batch rows turn the lanes around (batch rows, not output rows; see pairs_bf16). An AVX2 version
-// (M <= 16) serves CPUs without AVX-512. The portable path (other CPUs, M > 32, the last out % 16 rows, and impl=1 for the tests) decodes 256 entries of a
-// row into buffers and leaves the loops to the compiler's vectoriser: it gathers from x for few batch rows, and
-// for many scales contiguous runs of x^T. Both accumulate in fp32 and thread over rows with at::parallel_for.
+// AVX512-BF16, bf16 layers (M <= 16) take two kept entries per dot-product instruction instead, and 2:4 bf16
+// layers from 32 batch rows turn the lanes around (batch rows, not output rows; see pairs_bf16). An AVX2 version
+// (M <= 16) serves CPUs without AVX-512. The portable path (other CPUs, M > 32, the last out % 16 rows, and
+// impl=1 for the tests) decodes 256 entries of a row into buffers and leaves the loops to the compiler's
+// vectoriser: it gathers from x for few batch rows, and for many scales contiguous runs of x^T. All paths
+// accumulate in fp32 and thread over rows with at::parallel_for.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -265,22 +266,39 @@ void blocks_bf16(const Layout& L, const at::BFloat16* vals, const at::BFloat16* 
 // group g of 4 inputs and each pair (a, b) of its positions, a < b, `pairs` holds for every batch lane the inputs
 // x[4g + a] and x[4g + b] side by side; output row r then takes one dot-product instruction per 16 lanes, its two
 // kept values broadcast against the pair its two positions name: one load and one instruction per 32 multiply-adds,
-// about twice dense GEMM's rate at half its work. The table is built once per call for up to 128 batch rows (the
+// as in dense GEMM, for half of dense's multiply-adds. The table is built once per call for up to 128 batch rows (the
 // lanes); rows run in tiles of groups whose part of the table fits in L1, kPairBlocks row blocks at a time (their
 // sums, up to 128 KB, stay in L2, and the table is read once per 256 rows).
 constexpr int64_t kPairMaxLanes = 128, kPairBlocks = 16;
 constexpr int kPairSlots = 6;  // (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
 
 // pairs[(g * 6 + slot) * lanes + l] for batch rows 0 .. rows of x ([B, in], xs apart); lanes past rows are zero.
+// For 16 lanes of a group, two gathers fetch each row's 4 inputs (8 rows per register) and one word permute
+// across both registers forms each slot's 16 pairs.
 void build_pairs(const at::BFloat16* x, int64_t xs, int64_t rows, int64_t groups, int64_t lanes, uint32_t* pairs) {
   static constexpr int kA[kPairSlots] = {0, 0, 0, 1, 1, 2}, kB[kPairSlots] = {1, 2, 3, 2, 3, 3};
-  at::parallel_for(0, groups, 256, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      uint32_t* out = pairs + g * kPairSlots * lanes;
-      for (int64_t l = 0; l < lanes; ++l) {
-        uint16_t in[4] = {0, 0, 0, 0};
-        if (l < rows) std::memcpy(in, x + l * xs + 4 * g, sizeof(in));
-        for (int s = 0; s < kPairSlots; ++s) out[s * lanes + l] = uint32_t(in[kA[s]]) | uint32_t(in[kB[s]]) << 16;
+  __m512i pick[kPairSlots];  // word 2i: row i's input a, word 2i + 1: its input b (row i's 4 inputs: words 4i..4i+3)
+  for (int s = 0; s < kPairSlots; ++s) {
+    alignas(64) int16_t words[32];
+    for (int i = 0; i < 16; ++i) words[2 * i] = int16_t(4 * i + kA[s]), words[2 * i + 1] = int16_t(4 * i + kB[s]);
+    pick[s] = _mm512_load_si512(words);
+  }
+  at::parallel_for(0, groups, 64, [&](int64_t g0, int64_t g1) {
+    for (int64_t l0 = 0; l0 < lanes; l0 += 16) {
+      alignas(32) int32_t row_start[16];  // in 2-byte units
+      for (int i = 0; i < 16; ++i) row_start[i] = int32_t((l0 + i) * xs);
+      const __m256i first = _mm256_load_si256(reinterpret_cast<const __m256i*>(row_start));
+      const __m256i second = _mm256_load_si256(reinterpret_cast<const __m256i*>(row_start + 8));
+      const int64_t live = std::clamp<int64_t>(rows - l0, 0, 16);
+      const __mmask8 first_mask = __mmask8((1u << std::min<int64_t>(live, 8)) - 1);
+      const __mmask8 second_mask = __mmask8((1u << std::max<int64_t>(live - 8, 0)) - 1);
+      for (int64_t g = g0; g < g1; ++g) {
+        const void* base = x + 4 * g;
+        const __m512i lo = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), first_mask, first, base, 2);
+        const __m512i hi = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), second_mask, second, base, 2);
+        uint32_t* out = pairs + g * kPairSlots * lanes + l0;
+        for (int s = 0; s < kPairSlots; ++s)
+          _mm512_store_si512(out + s * lanes, _mm512_permutex2var_epi16(lo, pick[s], hi));
       }
     }
   });
@@ -292,7 +310,7 @@ void build_pairs(const at::BFloat16* x, int64_t xs, int64_t rows, int64_t groups
 template <int C, int R>
 bool blocks_pairs(const Layout& L, const at::BFloat16* vals, const uint32_t* pairs, int64_t rows, float* y,
                   const float* bias, int64_t blk0, int64_t blk1) {
-  constexpr int64_t lanes = C * 16, tile_groups = std::max<int64_t>(8, 128 / C);  // 24-32 KB of the table
+  constexpr int64_t lanes = C * 16, tile_groups = std::max<int64_t>(4, 64 / C);  // 24 KB of the table
   const Decoder decode(L.bits);
   const int64_t groups = L.k / 2;
   alignas(64) static constexpr int32_t kSlotOf[16] = {-1, 0, 1, 2, -1, -1, 3, 4, -1, -1, -1, 5, -1, -1, -1, -1};
@@ -531,12 +549,16 @@ void linear_rows(const Layout& L, const T* vals, const at::Tensor& x, const floa
   int64_t first_portable = 0;  // rows from here on take the portable path
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (kBf16Dot && !portable && L.m <= 16 && L.k % 2 == 0 && L.blocks > 0) {
-      at::Tensor xh = at::zeros({B, xs}, x.options());
-      xh.narrow(1, 0, L.in).copy_(x);
-      const at::BFloat16* xhp = xh.data_ptr<at::BFloat16>();
-      const bool pairs = L.n == 2 && L.m == 4 && B >= kPairsFrom &&
-                         pairs_bf16(L, vals, xhp, xs, B, y, bias, grain(L, L.blocks, 16 * std::min<int64_t>(B, 128)));
+      bool pairs = false;
+      if (L.n == 2 && L.m == 4 && B >= kPairsFrom) {  // reads x as it is: no padding needed
+        const at::Tensor xc = x.contiguous();
+        pairs = pairs_bf16(L, vals, xc.data_ptr<at::BFloat16>(), L.in, B, y, bias,
+                           grain(L, L.blocks, 16 * std::min<int64_t>(B, 128)));
+      }
       if (!pairs) {
+        at::Tensor xh = at::zeros({B, xs}, x.options());
+        xh.narrow(1, 0, L.in).copy_(x);
+        const at::BFloat16* xhp = xh.data_ptr<at::BFloat16>();
         at::parallel_for(0, L.blocks, grain(L, L.blocks, 16 * B), [&](int64_t b0, int64_t b1) {
           blocks_bf16(L, vals, xhp, xs, B, y, bias, b0, b1);
         });
