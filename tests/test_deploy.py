@@ -302,6 +302,13 @@ def test_fallback_when_the_kernel_cannot_be_built(no_kernel):
         layer_from(weight, None, "nm")
 
 
+@given(rows=st.integers(0, 5000))
+def test_a_batch_falls_in_the_largest_bucket_not_above_it(rows):
+    size = dispatch.bucket(rows)
+    assert size in dispatch.BUCKETS and size <= max(rows, 1)
+    assert all(b <= size or b > max(rows, 1) for b in dispatch.BUCKETS)
+
+
 def test_auto_caches_per_bucket_and_obeys_overrides():
     weight = random_nm(16, 64, 1, 16)
     layer = layer_from(weight, None, "auto")

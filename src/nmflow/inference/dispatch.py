@@ -18,6 +18,7 @@ fallback in ``deploy`` says.
 
 from __future__ import annotations
 
+import bisect
 import statistics
 import time
 from typing import TYPE_CHECKING
@@ -39,7 +40,7 @@ _RUNS, _BUDGET_S = 5, 0.3  # timed runs per candidate: at most this many, stoppi
 
 def bucket(rows: int) -> int:
     """The bucket of a batch of ``rows`` input rows (tokens times sequences)."""
-    return max(b for b in BUCKETS if b <= max(rows, 1))
+    return BUCKETS[bisect.bisect_right(BUCKETS, max(rows, 1)) - 1]
 
 
 def candidates(layer: NMLinear, x: torch.Tensor) -> list[Backend]:

@@ -14,6 +14,7 @@ import os
 import platform
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ NAME = "nmflow_nm_kernel"
 LARGE_FROM = 4  # batch rows from which the portable path streams x^T instead of gathering from x
 
 _lock = threading.Lock()
-_state: dict[str, str | bool] = {}  # "loaded": True, or "error": why not
+_state: dict[str, Any] = {}  # "loaded": True and "linear": the operator, or "error": why not
 
 
 def _flags() -> list[str]:
@@ -56,6 +57,7 @@ def _load() -> bool:
             else:
                 try:
                     _build()
+                    _state["linear"] = torch.ops.nmflow_nm.linear.default  # looked up once: calls are per layer
                     _state["loaded"] = True
                 except Exception as exc:  # compiler, ninja, linker or loader: any of them may be missing
                     message = str(exc).strip().splitlines()
@@ -93,7 +95,7 @@ def linear(
     in row-blocks order; see :mod:`nmflow.inference.nmlinear`); ``portable`` forces the path other CPUs take."""
     if "loaded" not in _state and not _load():
         raise RuntimeError(f"nmflow's N:M kernel is unavailable: {_state['error']}")
-    return torch.ops.nmflow_nm.linear(x, values, indices, bias, n, m, bits, LARGE_FROM, int(portable))
+    return _state["linear"](x, values, indices, bias, n, m, bits, LARGE_FROM, int(portable))
 
 
 def densify(

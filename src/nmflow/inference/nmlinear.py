@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from nmflow import compressed
-from nmflow.inference import kernel
+from nmflow.inference import dispatch, kernel
+from nmflow.inference.backends import BACKENDS
 
 __all__ = ["NMLinear", "is_conv1d"]
 
@@ -156,9 +157,6 @@ class NMLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from nmflow.inference import dispatch
-        from nmflow.inference.backends import BACKENDS
-
         if x.shape[-1] != self.in_features:
             raise RuntimeError(f"NMLinear: input has {x.shape[-1]} features, the layer takes {self.in_features}")
         if x.dtype != self.values.dtype:

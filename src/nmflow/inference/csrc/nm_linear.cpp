@@ -499,8 +499,9 @@ bool pairs_bf16(const Layout&, const at::BFloat16*, const at::BFloat16*, int64_t
 #endif
 
 // ---------------------------------------------------------------- operators
-Layout make_layout(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& base, int64_t n, int64_t m,
-                   int64_t bits) {
+// The layout of a layer's parts, checked. base[j] (the first input of kept entry j's group) lives in a buffer
+// of the calling thread, reused from call to call: it is only read during this call.
+Layout make_layout(const at::Tensor& values, const at::Tensor& indices, int64_t n, int64_t m, int64_t bits) {
   TORCH_CHECK(values.dim() == 2 && values.is_contiguous() && values.device().is_cpu(),
               "nm_linear: values must be a contiguous 2-d CPU tensor");
   TORCH_CHECK(indices.scalar_type() == at::kByte && indices.is_contiguous(), "nm_linear: indices must be uint8");
@@ -509,15 +510,11 @@ Layout make_layout(const at::Tensor& values, const at::Tensor& indices, const at
   const int64_t out = values.size(0), k = values.size(1);
   TORCH_CHECK(k % n == 0, "nm_linear: kept entries per row are not a multiple of n");
   TORCH_CHECK(indices.numel() == (out * k * bits + 7) / 8, "nm_linear: index stream has the wrong length");
+  thread_local std::vector<int32_t> base;
+  base.resize(size_t(k));
+  for (int64_t j = 0; j < k; ++j) base[size_t(j)] = int32_t(j / n * m);
   return Layout{out,         k / n * m, n, m, k, bits, indices.numel(), out / 16, indices.data_ptr<uint8_t>(),
-                base.data_ptr<int32_t>()};
-}
-
-at::Tensor group_base(int64_t k, int64_t n, int64_t m) {
-  at::Tensor base = at::empty({k}, at::TensorOptions().dtype(at::kInt));
-  int32_t* p = base.data_ptr<int32_t>();
-  for (int64_t j = 0; j < k; ++j) p[j] = int32_t(j / n * m);
-  return base;
+                base.data()};
 }
 
 // Runs fn with a null pointer of the C++ type of `dtype` (fp32, bf16 or fp16 values).
@@ -597,8 +594,7 @@ void linear_rows(const Layout& L, const T* vals, const at::Tensor& x, const floa
 at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                      const std::optional<at::Tensor>& bias, int64_t n, int64_t m, int64_t bits, int64_t large_from,
                      int64_t impl) {
-  const at::Tensor base = group_base(values.size(1), n, m);
-  const Layout L = make_layout(values, indices, base, n, m, bits);
+  const Layout L = make_layout(values, indices, n, m, bits);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == L.in, "nm_linear: x must be [batch, ", L.in, "]");
   TORCH_CHECK(x.scalar_type() == values.scalar_type(), "nm_linear: x and values differ in dtype");
   const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
@@ -616,8 +612,7 @@ at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Te
 // kept values scattered in (dropped -0.0 signs are not restored).
 at::Tensor& nm_densify_out(const at::Tensor& values, const at::Tensor& indices, int64_t n, int64_t m, int64_t bits,
                            at::Tensor& dense) {
-  const at::Tensor base = group_base(values.size(1), n, m);
-  const Layout L = make_layout(values, indices, base, n, m, bits);
+  const Layout L = make_layout(values, indices, n, m, bits);
   TORCH_CHECK(dense.is_contiguous() && dense.scalar_type() == values.scalar_type() && dense.numel() == L.out * L.in,
               "nm_densify: the output must be a contiguous [out, in] tensor of the values' dtype");
   dispatch_values(values.scalar_type(), [&](auto* tag) {
