@@ -265,10 +265,10 @@ void blocks_bf16(const Layout& L, const at::BFloat16* vals, const at::BFloat16* 
 // 2:4 in bf16 for many batch rows: the lanes are batch rows, not output rows, so no per-row permute. For each
 // group g of 4 inputs and each pair (a, b) of its positions, a < b, `pairs` holds for every batch lane the inputs
 // x[4g + a] and x[4g + b] side by side; output row r then takes one dot-product instruction per 16 lanes, its two
-// kept values broadcast against the pair its two positions name: one load and one instruction per 32 multiply-adds,
-// as in dense GEMM, for half of dense's multiply-adds. The table is built once per call for up to 128 batch rows (the
-// lanes); rows run in tiles of groups whose part of the table fits in L1, kPairBlocks row blocks at a time (their
-// sums, up to 128 KB, stay in L2, and the table is read once per 256 rows).
+// kept values broadcast against the pair its two positions name: one load and one instruction per 32 multiply-adds
+// (dense GEMM needs far fewer loads), for half of dense's multiply-adds. The table is built once per call for up
+// to 128 batch rows (the lanes); rows run in tiles of groups whose part of the table fits in L1, kPairBlocks row
+// blocks at a time (their sums, up to 128 KB, stay in L2, and the table is read once per 256 rows).
 constexpr int64_t kPairMaxLanes = 128, kPairBlocks = 16;
 constexpr int kPairSlots = 6;  // (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
 
