@@ -173,6 +173,15 @@ def test_a_run_config_yaml_damaged_into_another_value_is_refused_on_resume(run, 
     assert "Traceback" not in err
 
 
+def test_a_run_config_yaml_with_a_bad_value_is_refused_on_resume_naming_it(run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    config = out / "config.yaml"
+    config.write_text(config.read_text().replace("lr: 0.001\n", "lr: fast\n"))
+    status, err = run_cli(["train", "--resume", str(out)], capsys)
+    assert status == 2 and err.startswith(f"nmflow: error: config file {config}: ") and "lr" in err, err
+
+
 # ------------------------------------------------------------------ config files and sweep specs
 def text_flips(text: str, count: int) -> list[bytes]:
     """Damaged copies of ``text`` that are still UTF-8 (the others: see the test below)."""

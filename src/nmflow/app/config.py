@@ -321,7 +321,7 @@ def resume_config(out: str | Path, overrides: Mapping[str, Any] | None = None) -
     path = Path(out) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"cannot resume {out}: it holds no config.yaml; give the output folder of a run")
-    return TrainConfig.from_dict({**read_config_file(path), **overrides, "out": str(out)})
+    return config_from_file(path, {**overrides, "out": str(out)})
 
 
 def write_yaml(path: Path, data: Mapping[str, Any]) -> None:
