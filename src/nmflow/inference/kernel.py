@@ -25,7 +25,7 @@ NAME = "nmflow_nm_kernel"
 LARGE_FROM = 4  # batch rows from which the portable path streams x^T instead of gathering from x
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {}  # "loaded": True and "linear": the operator, or "error": why not
+_state: dict[str, Any] = {}  # "linear": the loaded operator, or "error": why not
 
 
 def _flags() -> list[str]:
@@ -58,11 +58,10 @@ def _load() -> bool:
                 try:
                     _build()
                     _state["linear"] = torch.ops.nmflow_nm.linear.default  # looked up once: calls are per layer
-                    _state["loaded"] = True
                 except Exception as exc:  # compiler, ninja, linker or loader: any of them may be missing
                     message = str(exc).strip().splitlines()
                     _state["error"] = f"{type(exc).__name__}: {message[-1] if message else ''}"[:300]
-        return bool(_state.get("loaded"))
+        return "linear" in _state
 
 
 def available() -> bool:
@@ -93,7 +92,7 @@ def linear(
 ) -> torch.Tensor:
     """``x [B, in] @ W.T + bias`` from an NMLinear's parts (``values [out, in/m*n]`` and packed ``indices``, both
     in row-blocks order; see :mod:`nmflow.inference.nmlinear`); ``portable`` forces the path other CPUs take."""
-    if "loaded" not in _state and not _load():
+    if "linear" not in _state and not _load():
         raise RuntimeError(f"nmflow's N:M kernel is unavailable: {_state['error']}")
     return _state["linear"](x, values, indices, bias, n, m, bits, LARGE_FROM, int(portable))
 
@@ -102,7 +101,7 @@ def densify(
     values: torch.Tensor, indices: torch.Tensor, n: int, m: int, bits: int, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The dense ``[out, in]`` weight (dropped entries +0.0) from an NMLinear's parts, into ``out`` if given."""
-    if "loaded" not in _state and not _load():
+    if "linear" not in _state and not _load():
         raise RuntimeError(f"nmflow's N:M kernel is unavailable: {_state['error']}")
     if out is None:
         return torch.ops.nmflow_nm.densify(values, indices, n, m, bits)
